@@ -1,0 +1,48 @@
+"""Test-wide set-up: 8 CPU devices (before jax is imported) and shared fixtures."""
+
+import os
+
+# Must precede any jax import: every sharding test runs on 8 simulated CPU devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+REAL_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "Two dogs run across a snowy field.",
+    "The committee postponed its decision until next week because several members were absent.",
+    "Stocks fell sharply.",
+    "She said she'd be there by 5 p.m., but the train was late — again!",
+    "Quantum computers exploit superposition and entanglement to solve certain problems faster.",
+]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from simcse_jax.hf_io import minilm_dir as _minilm_dir
+
+    return _minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def sts_dir():
+    path = SHARED / "data" / "sts"
+    if not path.is_dir():
+        pytest.fail(f"STS data expected at {path} (../shared/data/sts beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_samples_dir():
+    path = SHARED / "data" / "train_samples"
+    if not path.is_dir():
+        pytest.fail(f"training samples expected at {path}")
+    return path
