@@ -34,7 +34,7 @@ _PREFIXES = ("bert.", "roberta.")
 _SKIPPED = re.compile(
     r"(^|\.)position_ids$|^(cls\.predictions\.decoder\.(weight|bias)|lm_head\.decoder\.(weight|bias))$"
 )
-_MLM_PREFIXES = ("cls.predictions.", "lm_head.")
+_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 class CheckpointError(ValueError):
@@ -47,7 +47,7 @@ class LoadedEncoder:
     hf_config: dict[str, Any]  # config.json as read, for export
     path: Path  # the resolved local folder (tokenizer files live here too)
     weights_file: Path
-    initialized: list[str]  # parameters absent from the checkpoint, left at random init
+    initialized: list[str]  # parameters absent from the checkpoint (HF names), left at random init
     ignored: list[str]  # checkpoint keys not used by the encoder
 
 
@@ -186,7 +186,7 @@ def _param_leaf(parent: tuple[str, ...], last: str, ours: dict[tuple, Any]) -> t
 
 def _flat_params(model: Encoder) -> dict[tuple[str, ...], nnx.Variable]:
     state = nnx.state(model, nnx.Param)
-    return {tuple(str(p) for p in path): v for path, v in state.flat_state()}
+    return {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
 def load_pretrained(
@@ -238,7 +238,8 @@ def load_pretrained(
         var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
         loaded.add(leaf)
 
-    missing = [".".join(p) for p in ours if p not in loaded]
+    # Reported in Hugging Face's names (what the user sees in their checkpoint).
+    missing = sorted(".".join(p[:-1] + (_HF_LEAF[p[-1]],)) for p in ours if p not in loaded)
     # Only the pooler (SimCSE's MLP starts fresh in the reference) and an MLM head that the caller
     # asked for may start from random init; anything else missing means a wrong checkpoint.
     fatal = [m for m in missing if not m.startswith("pooler.") and not m.startswith(("cls.", "lm_head."))]
