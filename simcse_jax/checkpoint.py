@@ -1,0 +1,242 @@
+"""Training checkpoints: an orbax `CheckpointManager` directory of named items per step.
+
+Layout of `<dir>/`:
+- `<step>/params`: the encoder's parameters, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`;
+- `<step>/meta`: JSON with `hf_config` (config.json of the model, for export), `encoder_config`
+  (`dataclasses.asdict(EncoderConfig)`), `pooler`, `mlp_only_train`, `step`, `train_config`;
+- `<step>/<other>`: whatever the trainer adds (`opt_state`, `data_state`, `rng`), each a pytree
+  saved with `StandardSave` (or JSON for names in `JSON_ITEMS`);
+- `tokenizer/`: the tokenizer files (`save_pretrained`), shared by all steps.
+
+Items are passed as a plain dict {name: value}; `save_args` / `restore_args` turn such a dict into
+orbax's Composite args, so adding an item is one more dict entry. Restoring rebuilds the encoder
+from `meta.encoder_config` with `nnx.eval_shape` (no random init) and reads the arrays straight
+into their final shardings when a mesh is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from simcse_jax.encoder import Encoder, EncoderConfig
+from simcse_jax.hf_io import CheckpointError
+
+TOKENIZER_SUBDIR = "tokenizer"
+JSON_ITEMS = frozenset({"meta", "data_state"})
+META_KEYS = ("hf_config", "encoder_config", "pooler", "mlp_only_train", "step")
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    model: Encoder
+    meta: dict[str, Any]
+    step: int
+    directory: Path
+    extra: dict[str, Any]  # restored trainer items (opt_state, ...) when asked for
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.directory / TOKENIZER_SUBDIR
+
+    @property
+    def eval_pooler(self) -> str:
+        return eval_pooler(self.meta)
+
+
+def eval_pooler(meta: Mapping[str, Any]) -> str:
+    """The pooler to evaluate/export with: `cls` trained with mlp_only_train drops the MLP."""
+    pooler = meta.get("pooler", "cls")
+    return "cls_before_pooler" if pooler == "cls" and meta.get("mlp_only_train") else pooler
+
+
+def make_meta(
+    model: Encoder,
+    *,
+    hf_config: Mapping[str, Any],
+    pooler: str,
+    mlp_only_train: bool = False,
+    step: int = 0,
+    train_config: Mapping[str, Any] | None = None,
+    **extra,
+) -> dict[str, Any]:
+    return {
+        "hf_config": dict(hf_config),
+        "encoder_config": dataclasses.asdict(model.config),
+        "pooler": pooler,
+        "mlp_only_train": bool(mlp_only_train),
+        "step": int(step),
+        "train_config": dict(train_config or {}),
+        **extra,
+    }
+
+
+def params_item(model: Encoder) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def save_args(items: Mapping[str, Any]) -> ocp.args.Composite:
+    """{name: value} -> Composite of JsonSave (names in JSON_ITEMS) / StandardSave (pytrees)."""
+    def one(k, v):
+        if k in JSON_ITEMS:
+            return ocp.args.JsonSave(v)
+        # StandardSave takes containers only; a lone array (e.g. the trainer's rng key) is an ArraySave.
+        return ocp.args.ArraySave(v) if _is_array(v) else ocp.args.StandardSave(v)
+
+    return ocp.args.Composite(**{k: one(k, v) for k, v in items.items()})
+
+
+def restore_args(abstract_items: Mapping[str, Any]) -> ocp.args.Composite:
+    """{name: abstract pytree (ShapeDtypeStruct leaves, shardings set) or None for JSON} -> Composite."""
+    def one(k, v):
+        if k in JSON_ITEMS:
+            return ocp.args.JsonRestore()
+        if isinstance(v, jax.ShapeDtypeStruct):
+            sharding = v.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return ocp.args.ArrayRestore(restore_args=ocp.ArrayRestoreArgs(sharding=sharding, global_shape=v.shape, dtype=v.dtype))
+        return ocp.args.StandardRestore(v)
+
+    return ocp.args.Composite(**{k: one(k, v) for k, v in abstract_items.items()})
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def manager(directory, *, max_to_keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+    directory = Path(directory).expanduser().absolute()
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    return ocp.CheckpointManager(directory, options=opts)
+
+
+def save_checkpoint(
+    directory,
+    step: int,
+    model: Encoder,
+    *,
+    hf_config: Mapping[str, Any],
+    pooler: str,
+    mlp_only_train: bool = False,
+    train_config: Mapping[str, Any] | None = None,
+    tokenizer=None,
+    extra_items: Mapping[str, Any] | None = None,
+    mngr: ocp.CheckpointManager | None = None,
+    wait: bool = True,
+) -> Path:
+    """Saves `params` + `meta` (+ `extra_items`) at `step`, and the tokenizer once.
+
+    Pass the trainer's long-lived `mngr` to keep its retention policy and async saves; without one a
+    manager is made and closed here.
+    """
+    own = mngr is None
+    mngr = mngr or manager(directory)
+    meta = make_meta(model, hf_config=hf_config, pooler=pooler, mlp_only_train=mlp_only_train, step=step, train_config=train_config)
+    items = {"params": params_item(model), "meta": meta, **(extra_items or {})}
+    mngr.save(step, args=save_args(items))
+    if wait or own:
+        mngr.wait_until_finished()
+    if own:
+        mngr.close()
+    directory = Path(directory)
+    if tokenizer is not None and not (directory / TOKENIZER_SUBDIR).is_dir():
+        tokenizer.save_pretrained(str(directory / TOKENIZER_SUBDIR))
+    return directory
+
+
+def is_checkpoint_dir(directory) -> bool:
+    d = Path(directory)
+    return d.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in d.iterdir())
+
+
+def _check_dir(directory) -> Path:
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    if not is_checkpoint_dir(d):
+        hint = " (it holds a Hugging Face config.json: use `simcse-jax import` first)" if (d / "config.json").is_file() else ""
+        raise CheckpointError(
+            f"{d} is not a simcse-jax checkpoint: expected step folders <step>/params and <step>/meta "
+            f"written by orbax{hint}"
+        )
+    return d.absolute()
+
+
+def _pick_step(mngr: ocp.CheckpointManager, d: Path, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"{d}: no finished checkpoint step (an interrupted save leaves none)")
+    if step is None:
+        return mngr.latest_step()
+    if step not in steps:
+        raise CheckpointError(f"{d}: no step {step}; available: {sorted(steps)}")
+    return step
+
+
+def load_meta(directory, step: int | None = None) -> dict[str, Any]:
+    d = _check_dir(directory)
+    with manager(d, create=False) as mngr:
+        step = _pick_step(mngr, d, step)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{d / str(step) / 'meta'}: missing keys {', '.join(missing)}")
+    return meta
+
+
+def abstract_model(cfg: EncoderConfig, mesh: Mesh | None = None):
+    """(graphdef, abstract param state, abstract pure dict) without allocating or initialising."""
+    model = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    if mesh is not None:
+        from simcse_jax.sharding import param_shardings
+
+        shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+        pure = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
+        )
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        pure = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), nnx.to_pure_dict(state))
+    return graphdef, state, pure
+
+
+def load_checkpoint(
+    directory,
+    step: int | None = None,
+    *,
+    mesh: Mesh | None = None,
+    compute_dtype: str | None = None,
+    extra_items: Mapping[str, Any] | None = None,
+) -> LoadedCheckpoint:
+    """Rebuilds the encoder of a checkpoint (latest step by default), sharded over `mesh` if given.
+
+    `extra_items` = {name: abstract pytree, or None for JSON items} restores trainer state too.
+    """
+    d = _check_dir(directory)
+    meta = load_meta(d, step)
+    enc = dict(meta["encoder_config"])
+    if compute_dtype:
+        enc["compute_dtype"] = compute_dtype
+    try:
+        cfg = EncoderConfig(**enc)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{d}: meta.encoder_config is not a valid EncoderConfig ({e})") from e
+    graphdef, state, abstract = abstract_model(cfg, mesh)
+    with manager(d, create=False) as mngr:
+        step = _pick_step(mngr, d, step)
+        try:
+            restored = mngr.restore(step, args=restore_args({"params": abstract, **(extra_items or {})}))
+        except Exception as e:  # shape/tree mismatches surface here with orbax's own message
+            raise CheckpointError(f"{d / str(step) / 'params'}: cannot restore ({type(e).__name__}: {e})") from e
+    nnx.replace_by_pure_dict(state, restored["params"])
+    model = nnx.merge(graphdef, state)
+    extra = {k: restored[k] for k in (extra_items or {})}
+    return LoadedCheckpoint(model, meta, step, d, extra)

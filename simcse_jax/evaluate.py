@@ -1,0 +1,173 @@
+"""The `eval` command: STS scores of a model with the JAX or the PyTorch backend.
+
+Both backends only turn sentences into vectors; scoring is `sts.evaluate` for both, so they can
+differ by floating-point noise alone. `jax` runs our encoder (`encode.SentenceEncoder`: batches of
+128, the model's length limit, no other truncation) on a checkpoint or a Hugging Face folder;
+`torch` runs `transformers.AutoModel` on a Hugging Face folder (e.g. an export) with the same
+pooling formulas, batches of 128 padded to their longest sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simcse_jax.poolers import POOLERS, check_pooler
+from simcse_jax import sts
+
+
+def torch_pool(pooler: str, outputs, attention_mask):
+    """The poolers of `poolers.pool` on a transformers model output (float32 torch tensor [b, H])."""
+    import torch
+
+    m = attention_mask.to(torch.float32).unsqueeze(-1)  # [b, s, 1]
+
+    def mean(h):
+        return (h.float() * m).sum(1) / m.sum(1)
+
+    if pooler == "cls":
+        if outputs.pooler_output is None:
+            raise ValueError("the cls pooler needs the model's pooler layer (the SimCSE MLP); this model has none")
+        return outputs.pooler_output.float()
+    if pooler == "cls_before_pooler":
+        return outputs.last_hidden_state[:, 0].float()
+    if pooler == "avg":
+        return mean(outputs.last_hidden_state)
+    hs = outputs.hidden_states
+    if pooler == "avg_top2":
+        return mean((hs[-1].float() + hs[-2].float()) / 2.0)
+    if pooler == "avg_first_last":
+        return mean((hs[1].float() + hs[-1].float()) / 2.0)
+    raise ValueError(f"unknown pooler {pooler!r}")
+
+
+class TorchEmbedder:
+    """Sentences -> [n, H] float32 through `transformers.AutoModel` (CPU, eval mode, float32)."""
+
+    def __init__(self, folder, *, pooler: str, batch_size: int = 128, max_length: int | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.pooler = check_pooler(pooler)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).eval().float()
+        cfg = self.model.config
+        limit = cfg.max_position_embeddings - (2 if cfg.model_type == "roberta" else 0)
+        self.max_length = min(max_length, limit) if max_length else limit
+        self.batch_size = batch_size
+
+    def __call__(self, sentences: Sequence[str]) -> np.ndarray:
+        import torch
+
+        sentences = list(sentences)
+        lengths = [len(x) for x in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
+        out = None
+        hidden = self.pooler in ("avg_top2", "avg_first_last")
+        with torch.inference_mode():
+            for start in range(0, len(sentences), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                outputs = self.model(**batch, output_hidden_states=hidden, return_dict=True)
+                z = torch_pool(self.pooler, outputs, batch["attention_mask"]).numpy()
+                if out is None:
+                    out = np.zeros((len(sentences), z.shape[1]), np.float32)
+                out[rows] = z
+        if out is None:
+            raise ValueError("no sentences to encode")
+        return out
+
+
+def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_length: int | None = None,
+                 mesh_axes: dict[str, int] | None = None):
+    """(SentenceEncoder, pooler) for a simcse-jax checkpoint or a Hugging Face folder."""
+    from simcse_jax.checkpoint import eval_pooler, is_checkpoint_dir, load_checkpoint
+    from simcse_jax.encode import SentenceEncoder
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer
+    from simcse_jax.sharding import make_mesh, shard_model
+
+    mesh = make_mesh(mesh_axes or {"data": -1})
+    if is_checkpoint_dir(model_path):
+        ckpt = load_checkpoint(model_path, mesh=mesh)
+        model, tokenizer = ckpt.model, load_tokenizer(ckpt.tokenizer_dir)
+        pooler = pooler or eval_pooler(ckpt.meta)
+    else:
+        if pooler is None:
+            raise ValueError(f"{model_path} is a Hugging Face folder: pass --pooler ({', '.join(POOLERS)})")
+        loaded = load_pretrained(model_path)
+        model, tokenizer = shard_model(loaded.model, mesh), load_tokenizer(loaded.path)
+    enc = SentenceEncoder(model, tokenizer, pooler=pooler, mesh=mesh, batch_size=batch_size, max_length=max_length)
+    return enc, pooler
+
+
+def load_tasks(sts_dir, tasks: Sequence[str], split: str, *, all_splits: bool = False, limit: int | None = None):
+    return [sts.load_task(sts_dir, t, split, all_splits=all_splits, limit=limit) for t in tasks]
+
+
+def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: str = "test", backend: str = "jax",
+             pooler: str | None = None, batch_size: int = 128, max_length: int | None = None,
+             limit: int | None = None, all_splits: bool = False, mesh_axes=None) -> dict:
+    """Everything `simcse-jax eval` computes, as the JSON-ready dict it writes."""
+    tasks = list(tasks or (sts.TASKS if split == "test" else sts.DEV_TASKS))
+    loaded_tasks = load_tasks(sts_dir, tasks, split, all_splits=all_splits, limit=limit)  # data errors first
+    t0 = time.perf_counter()
+    if backend == "jax":
+        embed, pooler = jax_embedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length, mesh_axes=mesh_axes)
+    elif backend == "torch":
+        if pooler is None:
+            raise ValueError("the torch backend needs --pooler")
+        if not (Path(model_path) / "config.json").is_file():
+            raise ValueError(f"{model_path}: the torch backend reads a Hugging Face folder (config.json); "
+                             "export a checkpoint first with `simcse-jax export`")
+        embed = TorchEmbedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length)
+    else:
+        raise ValueError(f"backend must be jax or torch, not {backend!r}")
+    res = sts.evaluate(embed, loaded_tasks)
+    return {"model": str(model_path), "backend": backend, "pooler": pooler, "split": split, "sts_dir": str(sts_dir),
+            "limit": limit, **res, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="STS12-16 / STS-B / SICK-R scores (SentEval protocol, Spearman x 100)")
+    p.add_argument("model", help="simcse-jax checkpoint directory or Hugging Face folder")
+    p.add_argument("--sts-dir", default=None, help=f"SentEval-layout STS data (default: ${sts.STS_DIR_ENV} or {sts.DEFAULT_STS_DIR})")
+    p.add_argument("--pooler", default=None, choices=POOLERS, help="default for checkpoints: the trained pooler")
+    p.add_argument("--backend", default="jax", choices=("jax", "torch"))
+    p.add_argument("--tasks", nargs="+", default=None, choices=sts.TASKS, help="default: all 7 (test) or STS-B + SICK-R (dev)")
+    p.add_argument("--split", default="test", choices=("dev", "test"), help="split of STS-B / SICK-R")
+    p.add_argument("--all-splits", action="store_true", help="also score train/dev/test subsets of STS-B / SICK-R, as SentEval does")
+    p.add_argument("--limit", type=int, default=None, help="first N pairs of each subset only (quick checks)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None, help="truncate to N tokens (default: the model's limit)")
+    p.add_argument("--output", default=None, help="write every number to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from simcse_jax.hf_io import CheckpointError
+
+    sts_dir = Path(args.sts_dir).expanduser() if args.sts_dir else sts.default_sts_dir()
+    try:
+        res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
+                       pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,
+                       all_splits=args.all_splits)
+    except (sts.StsDataError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"eval: {e}") from None
+    print(f"{args.backend} backend, pooler {res['pooler']}, {args.split} split{f', first {args.limit} pairs' if args.limit else ''}:")
+    print(sts.format_table(res["paper"]))
+    if "align_uniform" in res:
+        au = res["align_uniform"]
+        print(f"STS-B alignment {au['alignment']:.4f}  uniformity {au['uniformity']:.4f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
