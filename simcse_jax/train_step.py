@@ -1,0 +1,148 @@
+"""The train state and the one jitted update function.
+
+`init_train_state` places the parameters by the sharding rules (`sharding.param_shardings`) and
+builds the optimiser state directly in its sharded layout (`jax.jit(optimizer.init,
+out_shardings=...)`; moment estimates mirror their parameter's sharding). `make_train_step`
+returns the update `(state, batch, key) -> (state, measurements)` jitted once with explicit
+in/out shardings and the state donated, traced under `jax.set_mesh(mesh)` so the encoder and
+the loss see the mesh (row-sharded activations and logits).
+
+Measurements (replicated float32 scalars): `loss` (simcse + mlm_weight * mlm), `simcse_loss`,
+`mlm_loss` (with do_mlm), `accuracy` (share of rows whose top-1 logit is the positive),
+`alignment` and `uniformity` of the batch embeddings (Wang & Isola, normalised, uniformity over
+distinct first-view pairs), `grad_norm` (the gradient given to the clipper, i.e. after the
+`reference_world_size` scaling), `update_norm`, `param_norm` (after the update) and
+`learning_rate` (the rate this update used).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from simcse_jax.grad_cache import grad_cache_value_and_grad
+from simcse_jax.objective import ObjectiveConfig, num_chunks_for, objective_fn
+from simcse_jax.optim import OptimConfig, global_norm, linear_schedule
+from simcse_jax.sharding import batch_sharding, data_parallel_size, param_shardings
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: nnx.State  # nnx.State of the encoder's Params
+    opt_state: Any
+
+
+def _opt_state_shardings(optimizer, params, params_sh, mesh: Mesh):
+    """Shardings for the optimiser state: subtrees shaped like the params take the params'
+    shardings, everything else (step counts) is replicated."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    params_def = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, P())
+
+    def is_params(x):
+        return jax.tree.structure(x) == params_def
+
+    return jax.tree.map(lambda x: params_sh if is_params(x) else replicated, abstract, is_leaf=is_params)
+
+
+def state_shardings(graphdef_params: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The TrainState of NamedShardings for parameters `graphdef_params` (arrays or abstract)."""
+    params_sh = param_shardings(graphdef_params, mesh)
+    return TrainState(
+        step=NamedSharding(mesh, P()),
+        params=params_sh,
+        opt_state=_opt_state_shardings(optimizer, graphdef_params, params_sh, mesh),
+    )
+
+
+def init_train_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state, state_shardings): params placed by the rules, opt state born sharded."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the encoder holds non-parameter state; simcse-jax trains Params only")
+    shardings = state_shardings(params, optimizer, mesh)
+    # A copy in the target layout: the step donates the state, which must not delete the model's
+    # own arrays (device_put may alias a buffer already on the right device).
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return graphdef, TrainState(step=step, params=params, opt_state=opt_state), shardings
+
+
+class TrainStep:
+    """The jitted update; calling it enters `jax.set_mesh(mesh)` so tracing sees the mesh.
+
+    `jitted` is the `jax.jit` object (for `.lower(...)`); `lower` lowers under the mesh too.
+    """
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted = jitted
+        self.mesh = mesh
+
+    def __call__(self, state: TrainState, batch: dict, key: jax.Array | None):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state, batch, key)
+
+    def lower(self, state, batch, key):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(state, batch, key)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: TrainState,
+    objective: ObjectiveConfig,
+    optim: OptimConfig,
+    *,
+    compiler_options: dict | None = None,
+) -> TrainStep:
+    """The update function `(state, batch, key) -> (state, measurements)`.
+
+    `batch` follows the contract in `objective.py` (rows sharded by `sharding.batch_sharding(mesh,
+    3)`); `key` is this step's dropout key (the trainer passes fold_in(base_key, step)), None for
+    a deterministic step. `grad_cache_chunk_size` smaller than the batch switches to gradient
+    caching. `compiler_options` go to `jax.jit` (e.g. oneDNN on CPU, see PERF_NOTES).
+    """
+    dp = data_parallel_size(mesh)
+    schedule = linear_schedule(optim)
+
+    def update(state: TrainState, batch: dict, key):
+        n = num_chunks_for(objective, batch["input_ids"].shape[0], dp)
+        kw = dict(num_chunks=n, data_parallel=dp, contrastive_scale=optim.contrastive_scale)
+        if n > 1:
+            (_, meas), grads = grad_cache_value_and_grad(graphdef, state.params, batch, key, objective, **kw)
+        else:
+            loss_fn = functools.partial(objective_fn, graphdef, batch=batch, key=key, cfg=objective, **kw)
+            (_, meas), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        meas = dict(meas)
+        meas.update(
+            grad_norm=global_norm(grads),
+            update_norm=global_norm(updates),
+            param_norm=global_norm(params),
+            learning_rate=schedule(state.step),
+        )
+        meas = {k: v.astype(jnp.float32) for k, v in meas.items()}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), meas
+
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        update,
+        donate_argnums=0,
+        in_shardings=(shardings, batch_sharding(mesh, 3), replicated),
+        out_shardings=(shardings, replicated),
+        compiler_options=compiler_options,
+    )
+    return TrainStep(jitted, mesh)
