@@ -9,7 +9,11 @@ import sys
 # Subcommand modules, in the order `--help` lists them. Each defines add_parser(subparsers),
 # which registers its command and sets `func` (args -> exit code).
 COMMAND_MODULES = (
+    "simcse_jax.train",
     "simcse_jax.encode",
+    "simcse_jax.hf_export",
+    "simcse_jax.evaluate",
+    "simcse_jax.sts_download",
 )
 
 

@@ -330,6 +330,7 @@ class DataIterator:
         process_index: int | None = None,
         process_count: int | None = None,
         state: dict | None = None,
+        shuffle: bool = True,
     ):
         if global_batch_size < 1:
             raise DataError(f"global_batch_size must be positive, got {global_batch_size}")
@@ -341,6 +342,7 @@ class DataIterator:
         if mlm_probability is not None and data.mask_token_id is None:
             raise DataError(f"mlm_probability is set but the tokenizer of {data.source} has no mask token")
         self.data, self.global_batch_size, self.seed = data, int(global_batch_size), int(seed)
+        self.shuffle = bool(shuffle)  # False: file order every epoch (parity tests, curricula)
         self.mlm_probability, self.mesh = mlm_probability, mesh
         if mesh is not None:
             if process_index is not None or process_count is not None:
@@ -393,7 +395,8 @@ class DataIterator:
     def global_indices(self, epoch: int, batch: int) -> np.ndarray:
         """Example indices of global batch `batch` of epoch `epoch`, [G]."""
         if self._perm_epoch != epoch:
-            self._perm_epoch, self._perm = epoch, epoch_permutation(len(self.data), self.seed, epoch)
+            self._perm_epoch = epoch
+            self._perm = epoch_permutation(len(self.data), self.seed, epoch) if self.shuffle else np.arange(len(self.data))
         g = self.global_batch_size
         return self._perm[batch * g : (batch + 1) * g]
 
@@ -441,9 +444,11 @@ def make_data_iterator(
     use_cache: bool = True,
     progress: bool = True,
     state: dict | None = None,
+    shuffle: bool = True,
 ) -> DataIterator:
     """`load_tokenized` + `DataIterator`: what the trainer calls."""
     data = load_tokenized(
         source, tokenizer, max_seq_length=max_seq_length, cache_dir=cache_dir, use_cache=use_cache, progress=progress
     )
-    return DataIterator(data, global_batch_size, seed=seed, mesh=mesh, mlm_probability=mlm_probability, state=state)
+    return DataIterator(data, global_batch_size, seed=seed, mesh=mesh, mlm_probability=mlm_probability, state=state,
+                        shuffle=shuffle)

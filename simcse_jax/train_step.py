@@ -106,6 +106,7 @@ def make_train_step(
     optim: OptimConfig,
     *,
     compiler_options: dict | None = None,
+    skip_nonfinite: bool = False,
 ) -> TrainStep:
     """The update function `(state, batch, key) -> (state, measurements)`.
 
@@ -113,6 +114,8 @@ def make_train_step(
     3)`); `key` is this step's dropout key (the trainer passes fold_in(base_key, step)), None for
     a deterministic step. `grad_cache_chunk_size` smaller than the batch switches to gradient
     caching. `compiler_options` go to `jax.jit` (e.g. oneDNN on CPU, see PERF_NOTES).
+    `skip_nonfinite`: a step whose loss or gradient norm is not finite leaves the parameters and
+    optimizer state unchanged (the step counter still advances; `skipped` = 1 in measurements).
     """
     dp = data_parallel_size(mesh)
     schedule = linear_schedule(optim)
@@ -134,8 +137,18 @@ def make_train_step(
             param_norm=global_norm(params),
             learning_rate=schedule(state.step),
         )
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            finite = jnp.isfinite(meas["loss"]) & jnp.isfinite(meas["grad_norm"])
+            # Decided inside the step: the old state is donated, so the host cannot roll back.
+            new = TrainState(
+                step=new.step,
+                params=jax.tree.map(lambda a, b: jnp.where(finite, a, b), new.params, state.params),
+                opt_state=jax.tree.map(lambda a, b: jnp.where(finite, a, b), new.opt_state, state.opt_state),
+            )
+            meas["skipped"] = 1.0 - finite.astype(jnp.float32)
         meas = {k: v.astype(jnp.float32) for k, v in meas.items()}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), meas
+        return new, meas
 
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(

@@ -147,7 +147,7 @@ def cls_model(small_tokenizer_dir):
 def test_cls_pooler_is_pooler_output_and_loads_everywhere(cls_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    simcse = pytest.importorskip("simcse", reason="pip install --no-deps simcse (its metadata pins numpy<1.20)")
+    import simcse  # installed by the README test command: pip install --no-deps simcse (it pins numpy<1.20)
     model, tok = cls_model
     out = export_model(model, tok, tmp_path / "hf", pooler="cls", hf_config={"model_type": "bert"},
                        meta={"pooler": "cls", "mlp_only_train": False, "step": 100, "train_config": {"lr": 3e-5}},
@@ -174,7 +174,7 @@ def test_cls_pooler_is_pooler_output_and_loads_everywhere(cls_model, tmp_path):
 def test_mlp_only_train_exports_cls_before_pooler(cls_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    simcse = pytest.importorskip("simcse", reason="pip install --no-deps simcse (its metadata pins numpy<1.20)")
+    import simcse  # installed by the README test command: pip install --no-deps simcse (it pins numpy<1.20)
     model, tok = cls_model
     ck.save_checkpoint(tmp_path / "ckpt", 5, model, hf_config={"model_type": "bert"}, pooler="cls",
                        mlp_only_train=True, tokenizer=tok)

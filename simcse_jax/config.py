@@ -1,0 +1,223 @@
+"""Training configuration: one flat, typed dataclass; Python config files; command-line overrides.
+
+A config file (`configs/NAME.py`) defines `get_config(arg: str | None) -> TrainConfig`; the
+optional `:variant` after the file name is passed as `arg` (big_vision style). On the command
+line, `--set key=value` replaces a field; the value is parsed by the field's declared type and
+an unknown key is an error that names it (and the closest known keys).
+
+`validate` checks every value that can be checked before anything is compiled and names the key
+of the first problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from pathlib import Path
+
+from simcse_jax.poolers import POOLERS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- model
+    model: str = "bert-base-uncased"  # Hugging Face folder or hub id ("minilm": the installed all-MiniLM-L6-v2)
+    compute_dtype: str = "float32"  # "bfloat16" on TPU/GPU; parameters and optimizer state stay float32
+    hidden_dropout_prob: float | None = None  # None: the checkpoint's config.json (0.1 for BERT/RoBERTa)
+    attention_probs_dropout_prob: float | None = None
+    # --- data
+    train_file: str = "data/wiki1m_for_simcse.txt"  # .txt (unsup), .csv/.tsv (1/2/3 columns), or a datasets name
+    max_seq_length: int = 32
+    shuffle: bool = True  # False: file order (the reference shuffles; parity tests do not)
+    data_cache_dir: str | None = None  # None: <workdir>/data_cache
+    # --- objective
+    pooler: str = "cls"
+    mlp_only_train: bool = False  # unsup recipe: the MLP is used in training, dropped at evaluation
+    # "fresh": a new MLP, N(0, initializer_range), as the reference's MLPLayer; "checkpoint": keep
+    # the checkpoint's pooler.dense (continuing a released SimCSE model, whose pooler is the MLP).
+    mlp_init: str = "fresh"
+    temperature: float = 0.05
+    hard_negative_weight: float = 0.0  # added to the hard-negative logit (log-weight; 0 = weight 1)
+    do_mlm: bool = False
+    mlm_weight: float = 0.1
+    mlm_probability: float = 0.15
+    # --- optimisation
+    global_batch_size: int = 64  # sentences (not views) per step, over all devices and hosts
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    learning_rate: float = 3e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    reference_world_size: int = 1  # clip as the reference would on this many GPUs (see optim.py)
+    grad_cache_chunk_size: int = 0  # 0: off; else sentences per chunk (global), see grad_cache.py
+    gradient_accumulation_steps: int = 1  # must be 1: micro-batch accumulation changes this loss
+    seed: int = 42
+    on_nonfinite: str = "stop"  # "stop" (keep the last good checkpoint) or "skip" the update
+    # --- mesh: one of the sizes may be -1 (all remaining devices)
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    # --- evaluation and checkpoints
+    sts_dir: str | None = None  # None: $SIMCSE_STS_DIR, then ./data/sts; no folder: held-out align/uniform
+    eval_steps: int = 125
+    eval_batch_size: int = 128
+    eval_pooler: str | None = None  # None: pooler (with mlp_only_train, the MLP is dropped)
+    save_steps: int = 0  # 0: save at every evaluation
+    keep_checkpoints: int = 1  # latest checkpoints kept besides the best
+    async_checkpointing: bool = True
+    do_export: bool = True
+    do_test_eval: bool = True
+    log_every: int = 10
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the key."""
+
+
+def _field_types() -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(key: str, text: str):
+    """`text` parsed as the declared type of `key` (int, float, bool, str, or X | None)."""
+    types_ = _field_types()
+    if key not in types_:
+        close = difflib.get_close_matches(key, types_, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    typ = types_[key]
+    options = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
+    if type(None) in options and text.strip().lower() in ("none", "null"):
+        return None
+    base = next(t for t in options if t is not type(None))
+    try:
+        if base is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a valid {base.__name__}") from None
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        changes[key.strip()] = parse_value(key.strip(), value)
+    return config.replace(**changes)
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> TrainConfig:
+    """`configs/NAME.py[:variant]` -> TrainConfig, with `--set` overrides applied."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} not found")
+    module_spec = importlib.util.spec_from_file_location(f"simcse_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file}: defines no get_config(arg)")
+    config = module.get_config(arg or None)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{file}: get_config returned {type(config).__name__}, not TrainConfig")
+    return apply_overrides(config, list(overrides))
+
+
+def resolve_sts_dir(config: TrainConfig) -> Path | None:
+    """--set sts_dir, else $SIMCSE_STS_DIR, else ./data/sts; None when no such folder exists."""
+    for candidate in (config.sts_dir, os.environ.get("SIMCSE_STS_DIR"), "data/sts"):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if path.is_dir():
+                return path
+            if candidate == config.sts_dir:
+                raise ConfigError(f"sts_dir: {path} is not a folder")
+    return None
+
+
+def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True) -> None:
+    """Raises ConfigError naming the first bad key; called before any compilation."""
+    c = config
+
+    def bad(key, why):
+        raise ConfigError(f"{key}: {why} (got {getattr(c, key)!r})")
+
+    if c.pooler not in POOLERS:
+        bad("pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    if c.eval_pooler is not None and c.eval_pooler not in POOLERS:
+        bad("eval_pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    if c.compute_dtype not in ("float32", "bfloat16", "float16"):
+        bad("compute_dtype", "must be float32, bfloat16 or float16")
+    for key in ("learning_rate", "temperature", "global_batch_size", "max_seq_length", "eval_batch_size"):
+        if not getattr(c, key) > 0:
+            bad(key, "must be positive")
+    for key in ("warmup_steps", "weight_decay", "mlm_weight", "grad_cache_chunk_size", "save_steps"):
+        if getattr(c, key) < 0:
+            bad(key, "must not be negative")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = getattr(c, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            bad(key, "must be in [0, 1)")
+    if not 0.0 < c.mlm_probability < 1.0:
+        bad("mlm_probability", "must be in (0, 1)")
+    if c.max_steps <= 0 and not c.num_epochs > 0:
+        bad("num_epochs", "must be positive when max_steps is not set")
+    if c.eval_steps <= 0:
+        bad("eval_steps", "must be positive")
+    if c.mlp_init not in ("fresh", "checkpoint"):
+        bad("mlp_init", "must be 'fresh' or 'checkpoint'")
+    if c.on_nonfinite not in ("stop", "skip"):
+        bad("on_nonfinite", "must be 'stop' or 'skip'")
+    if c.reference_world_size < 1:
+        bad("reference_world_size", "must be >= 1")
+    if c.gradient_accumulation_steps != 1:
+        bad(
+            "gradient_accumulation_steps",
+            "micro-batch accumulation would shrink the in-batch negatives to each micro-batch and "
+            "change the contrastive objective; use grad_cache_chunk_size for batches larger than memory",
+        )
+    sizes = {"data": c.mesh_data, "fsdp": c.mesh_fsdp, "tensor": c.mesh_tensor}
+    if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        bad("mesh_data", f"mesh sizes {sizes}: each positive, at most one -1")
+    fixed = 1
+    for v in sizes.values():
+        fixed *= v if v > 0 else 1
+    if num_devices % fixed:
+        bad("mesh_data", f"mesh sizes {sizes} do not fit {num_devices} devices")
+    resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    if resolved["data"] * resolved["fsdp"] * resolved["tensor"] != num_devices:
+        bad("mesh_data", f"mesh sizes {resolved} use {resolved['data'] * resolved['fsdp'] * resolved['tensor']} of {num_devices} devices")
+    data_parallel = resolved["data"] * resolved["fsdp"]
+    if c.global_batch_size % data_parallel:
+        bad("global_batch_size", f"must be a multiple of the data-parallel size data*fsdp = {data_parallel}")
+    if c.grad_cache_chunk_size:
+        if c.global_batch_size % c.grad_cache_chunk_size or c.grad_cache_chunk_size % data_parallel:
+            bad(
+                "grad_cache_chunk_size",
+                f"must divide global_batch_size {c.global_batch_size} and be a multiple of the data-parallel size {data_parallel}",
+            )
+    if check_files:
+        looks_local = c.train_file.endswith((".txt", ".csv", ".tsv", ".json", ".jsonl")) or os.sep in c.train_file
+        if looks_local and not Path(c.train_file).expanduser().exists():
+            bad("train_file", "no such file")
