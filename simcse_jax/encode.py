@@ -35,6 +35,9 @@ def embed_batch(graphdef, params, input_ids, attention_mask, token_type_ids, *, 
     z = pool(pooler, out, attention_mask, model, apply_mlp=apply_mlp)
     if normalize:
         z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    if not jax.sharding.get_abstract_mesh().empty:
+        # Replicated result: every host (multi-host runs) can read all rows of the batch.
+        z = jax.lax.with_sharding_constraint(z, jax.sharding.PartitionSpec())
     return z
 
 
@@ -104,7 +107,7 @@ class SentenceEncoder:
                     self.graphdef, self.params, *arrays,
                     pooler=self.pooler, apply_mlp=self.apply_mlp, normalize=self.normalize,
                 )
-            z = np.asarray(z)[: len(rows)]
+            z = np.asarray(z if z.is_fully_addressable else z.addressable_data(0))[: len(rows)]
             if out is None:
                 out = np.zeros((len(ids), z.shape[1]), np.float32)
             out[rows] = z

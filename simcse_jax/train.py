@@ -360,11 +360,20 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     save_every = config.save_steps or config.eval_steps
     bar = log.progress(total_steps, start, config.global_batch_size) if progress else None
     step, t_last, n_last = start, time.perf_counter(), start
-    status = "completed"
+    status, compiled, results_extra = "completed", None, {}
+    t_start = time.perf_counter()
     try:
         while step < total_steps:
             batch = next(data)
-            state, meas = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            key = jax.random.fold_in(base_key, step)
+            if compiled is None:
+                compiled, compile_info = compile_step(step_fn, state, batch, key)
+                results_extra.update(compile_info)
+                log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
+                            f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
+            # The one executable serves the whole run: a batch of another shape is an error, not a
+            # silent recompilation.
+            state, meas = compiled(state, batch, key)
             step += 1
             meas = {k: float(v) for k, v in jax.device_get(meas).items()}
             if not (math.isfinite(meas["loss"]) and math.isfinite(meas["grad_norm"])):
@@ -423,7 +432,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
 
     # --- 5. the end: best parameters -> STS test -> export -> results.json
     results = {"status": status, "steps": step, "best_step": best_step, "best_dev_stsb": None if best_step is None else best_score,
-               "eval_pooler": eval_pooler_of(config), "workdir": str(workdir)}
+               "eval_pooler": eval_pooler_of(config), "workdir": str(workdir), "global_batch_size": config.global_batch_size,
+               "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh.shape),
+               "train_seconds": round(time.perf_counter() - t_start, 2), **results_extra}
+    throughput = [json.loads(x)["sentences_per_s"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
+                  if '"sentences_per_s"' in x][1:] if is_lead and (workdir / "metrics.jsonl").is_file() else []
+    if throughput:  # the first logged interval includes compilation
+        results["sentences_per_s"] = float(np.median(throughput))
     final_params = state.params
     if best_step is not None:
         restored = best.restore(best_step, args=ckpt_lib.restore_args({"params": jax.tree.map(
@@ -461,6 +476,18 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     latest.close()
     best.close()
     return results
+
+
+def compile_step(step_fn, state, batch, key):
+    """Compiles the update ahead of time: the executable, its compile time and peak memory."""
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, key).compile()
+    info = {"compile_seconds": round(time.perf_counter() - t0, 2)}
+    mem = compiled.memory_analysis()
+    if mem is not None:  # per device: arguments + outputs - donated aliases + temporaries
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+        info["step_peak_memory_mib"] = round(peak / 2**20, 1)
+    return compiled, info
 
 
 def _manager(path: Path, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
