@@ -14,6 +14,9 @@ COMMAND_MODULES = (
     "simcse_jax.hf_export",
     "simcse_jax.evaluate",
     "simcse_jax.sts_download",
+    "simcse_jax.sweep",
+    "simcse_jax.report",
+    "simcse_jax.launch_local",
 )
 
 

@@ -1,0 +1,196 @@
+"""`simcse-jax launch-local`: N processes on this machine acting as the N hosts of a cluster.
+
+    simcse-jax launch-local --num-processes 2 --devices-per-process 4 -- \\
+        train --config configs/demo_cpu.py --workdir runs/mh
+
+Each child is `python -m simcse_jax.cli <args after -->` with its own CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=<d>`, `JAX_PLATFORMS=cpu`) and the trainer's
+explicit multi-host environment (`SIMCSE_COORDINATOR=127.0.0.1:<port>`, `SIMCSE_NUM_PROCESSES`,
+`SIMCSE_PROCESS_ID`): `maybe_initialize_distributed` then calls `jax.distributed.initialize`
+with gloo CPU collectives, process 0 hosting the coordinator. Every multi-host code path (per-host
+data rows, global arrays from process-local data, collective checkpoints, lead-only logging,
+the all-host preemption vote) runs here exactly as on a pod, only over loopback.
+
+The launcher prefixes each child's output lines with `[p<i>]`, forwards SIGTERM/SIGINT to every
+child (one child can be signalled alone through its pid: `--pids-file`), and exits with the first
+non-zero child status after killing the others (a lone survivor would wait forever in a
+collective). `--timeout` bounds the whole run (exit 124).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+KILL_GRACE_S = 10.0  # after SIGTERM, how long a child may take (a preemption save) before SIGKILL
+TIMEOUT_EXIT = 124
+
+
+def free_port() -> int:
+    """A loopback port free right now (the coordinator binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(base: dict[str, str], *, process_id: int, num_processes: int, devices: int, port: int) -> dict[str, str]:
+    """The environment of child `process_id`: its own CPU device count and the coordinator."""
+    # An inherited device-count flag (tests set 8) must not win over this child's count.
+    flags = [f for f in base.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    return {
+        **base,
+        "XLA_FLAGS": " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"]),
+        "JAX_PLATFORMS": "cpu",
+        "SIMCSE_COORDINATOR": f"127.0.0.1:{port}",
+        "SIMCSE_NUM_PROCESSES": str(num_processes),
+        "SIMCSE_PROCESS_ID": str(process_id),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _pump(prefix: str, stream, out, lock: threading.Lock) -> None:
+    # Line by line so that the children's lines interleave whole; progress bars ('\r') pass as-is.
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        with lock:
+            out.write(f"{prefix} {line}" if line.endswith("\n") else f"{prefix} {line}\n")
+            out.flush()
+    stream.close()
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal k -> 128 + k, as a shell reports it
+
+
+def launch(
+    command: list[str],
+    *,
+    num_processes: int,
+    devices_per_process: int,
+    port: int = 0,
+    timeout: float | None = None,
+    pids_file: str | os.PathLike | None = None,
+    out=None,
+    program: list[str] | None = None,
+) -> int:
+    """Runs `python -m simcse_jax.cli <command>` as `num_processes` coordinated processes.
+
+    `program` replaces `python -m simcse_jax.cli` (the children's environment is the same).
+
+    Returns 0 when every child exits 0; else the first non-zero status (signals as 128 + k);
+    124 when `timeout` seconds pass first.
+    """
+    if num_processes < 1 or devices_per_process < 1:
+        raise ValueError(f"--num-processes and --devices-per-process must be >= 1, got {num_processes}, {devices_per_process}")
+    if not command:
+        raise ValueError("nothing to run: give the simcse-jax subcommand after '--', e.g. -- train --config ...")
+    out = sys.stdout if out is None else out
+    program = [sys.executable, "-m", "simcse_jax.cli"] if program is None else list(program)
+    port = port or free_port()
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    for i in range(num_processes):
+        env = child_env(dict(os.environ), process_id=i, num_processes=num_processes, devices=devices_per_process, port=port)
+        # Own session: a terminal's Ctrl-C reaches the children once, through the forwarding below.
+        procs.append(subprocess.Popen([*program, *command], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+    pumps = [threading.Thread(target=_pump, args=(f"[p{i}]", p.stdout, out, lock), daemon=True) for i, p in enumerate(procs)]
+    for t in pumps:
+        t.start()
+    pids = {f"p{i}": p.pid for i, p in enumerate(procs)}
+    with lock:
+        out.write(f"[launch] {num_processes} process(es) x {devices_per_process} CPU device(s), coordinator "
+                  f"127.0.0.1:{port}, pids {json.dumps(pids)}\n")
+        out.flush()
+    if pids_file is not None:
+        tmp = Path(pids_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"launcher": os.getpid(), **pids}) + "\n")
+        tmp.replace(pids_file)
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = 0
+    try:
+        while [p.poll() for p in procs].count(None):  # poll every child: any() would stop at the first
+            failed = [p for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                status = _exit_status(failed[0].returncode)
+                _stop(procs, out, lock, f"a process exited with status {failed[0].returncode}")
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                status = TIMEOUT_EXIT
+                _stop(procs, out, lock, f"timeout after {timeout:g} s")
+                break
+            time.sleep(0.1)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for p in procs:  # never leave a child behind, whatever happened here
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for t in pumps:
+            t.join(timeout=5)
+    if status == 0:
+        status = next((_exit_status(p.returncode) for p in procs if p.returncode != 0), 0)
+    return status
+
+
+def _stop(procs, out, lock, reason: str) -> None:
+    with lock:
+        out.write(f"[launch] {reason}: stopping the other processes\n")
+        out.flush()
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch-local", help="run a simcse-jax command as N coordinated processes on this machine (multi-host on CPU)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--num-processes", type=int, default=2, help="processes (simulated hosts), default 2")
+    p.add_argument("--devices-per-process", type=int, default=4, help="CPU devices each process sees, default 4")
+    p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--timeout", type=float, default=None, help="kill everything after this many seconds (exit 124)")
+    p.add_argument("--pids-file", default=None, help="write {'p0': pid, ...} here once the processes have started")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the simcse-jax subcommand and its arguments")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+                      port=args.port, timeout=args.timeout, pids_file=args.pids_file)
+    except ValueError as e:
+        print(f"error: launch-local: {e}", file=sys.stderr)
+        return 2
