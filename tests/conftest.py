@@ -46,3 +46,24 @@ def train_samples_dir():
     if not path.is_dir():
         pytest.fail(f"training samples expected at {path}")
     return path
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+    """A 2-layer, 32-wide random BERT with MiniLM's (real) tokenizer: fast to compile and run."""
+    import shutil
+
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, path / name)
+    return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,30 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from simcse_jax.config import TrainConfig
 from simcse_jax.launch_local import DEVICE_COUNT_FLAG, child_env, launch
 from simcse_jax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 STEPS = 16
 RUN_TIMEOUT_S = 300  # one launched run; normally ~30 s (two jax start-ups and a tiny model)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer, 32-wide random BERT with MiniLM's (real) tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_dir / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Sharded forward == single-device forward; the BERT-base partition specs are pinned."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers

@@ -4,7 +4,6 @@ plots from run folders, and one small real sweep trained end to end."""
 import json
 import math
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from simcse_jax.sweep import parse_grid, plan_sweep, run_name, scaled_learning_r
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_cpu.py")
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -224,22 +222,6 @@ def test_report_without_sts_uses_heldout_statistics_and_several_device_counts(tm
 
 
 # ----------------------------------------------------------------------------- a real sweep
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer (as tests/test_train.py)."""
-    import torch
-    import transformers
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_dir / name, path / name)
-    return path
 
 
 def test_small_real_sweep_trains_resumes_and_reports(tiny_model_dir, train_samples_dir, sts_dir, tmp_path, capsys, monkeypatch):

@@ -17,20 +17,6 @@ from simcse_jax.config import TrainConfig
 from simcse_jax.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer, 32-wide random BERT with MiniLM's (real) tokenizer: fast to compile and run."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_dir / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")
