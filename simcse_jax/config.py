@@ -60,6 +60,11 @@ class TrainConfig:
     grad_cache_chunk_size: int = 0  # 0: off; else sentences per chunk (global), see grad_cache.py
     gradient_accumulation_steps: int = 1  # must be 1: micro-batch accumulation changes this loss
     seed: int = 42
+    # XLA-CPU only: oneDNN matmuls for the update step's jit: +12-38 % step throughput on the
+    # 2-core benchmark machine (benchmarks/bench_train_step.py), but the loss moves by ~3e-5
+    # relative (vs ~3e-7 between mesh layouts), so it is opt-in. Per-jit on purpose: oneDNN set
+    # globally in XLA_FLAGS crashed an inference compile on jaxlib 0.10.2 (shared/PERF_NOTES.md).
+    cpu_onednn: bool = False
     on_nonfinite: str = "stop"  # "stop" (keep the last good checkpoint) or "skip" the update
     # --- mesh: one of the sizes may be -1 (all remaining devices)
     mesh_data: int = -1

@@ -58,6 +58,7 @@ from simcse_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from simcse_jax.train_step import TrainState, init_train_state, make_train_step, state_shardings
 
 MODEL_ALIASES = {"builtin:minilm": minilm_dir}
+CPU_ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 DEV_TASKS = ("STSBenchmark", "SICKRelatedness")
 BEST_METRIC = "STSBenchmark"
 
@@ -342,8 +343,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
             tokenizer_dir = ckpt_root / folder / ckpt_lib.TOKENIZER_SUBDIR
             if not tokenizer_dir.is_dir():
                 tokenizer.save_pretrained(str(tokenizer_dir))
-    step_fn = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config), optim_config(config, total_steps),
-                              skip_nonfinite=config.on_nonfinite == "skip")
+    def build_step(compiler_options):
+        return make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
+                               optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
+                               compiler_options=compiler_options)
+
+    step_options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and jax.devices()[0].platform == "cpu" else None
+    step_fn = build_step(step_options)
     evaluator = Evaluator(config, graphdef, tokenizer, mesh, sts_dir, heldout)
     log = MetricsLog(workdir, enabled=is_lead, truncate_after=start)
     per_device = config.global_batch_size // data_parallel_size(mesh)
@@ -367,7 +373,15 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
             batch = next(data)
             key = jax.random.fold_in(base_key, step)
             if compiled is None:
-                compiled, compile_info = compile_step(step_fn, state, batch, key)
+                try:
+                    compiled, compile_info = compile_step(step_fn, state, batch, key)
+                except Exception as e:  # a jaxlib without these XLA-CPU options: compile without them
+                    if step_options is None:
+                        raise
+                    log.message(f"note: this jaxlib rejects the oneDNN options ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); compiling without them (cpu_onednn=false)")
+                    step_fn = build_step(None)
+                    compiled, compile_info = compile_step(step_fn, state, batch, key)
                 results_extra.update(compile_info)
                 log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
                             f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
