@@ -52,44 +52,33 @@ def _missing_error(source, missing: list[str]) -> sts.StsDataError:
                             f"({len(missing)} of {len(required_files())} STS files missing)")
 
 
+def _copy_picks(source: Path, names: list[str], read, out: Path) -> list[Path]:
+    """Writes each required file, found among `names` and read by `read(name) -> bytes`, to `out`."""
+    picks = {rel: _pick(names, rel) for rel in required_files()}
+    missing = [r for r, n in picks.items() if n is None]
+    if missing:
+        raise _missing_error(source, missing)
+    written = []
+    for rel, name in picks.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(read(name))
+        written.append(out / rel)
+    return written
+
+
 def extract(source: Path, out: Path) -> list[Path]:
     """Copies the needed files from an archive or folder `source` into `out` (our layout)."""
-    written = []
     if source.is_dir():
         names = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
-        picks = {rel: _pick(names, rel) for rel in required_files()}
-        missing = [r for r, n in picks.items() if n is None]
-        if missing:
-            raise _missing_error(source, missing)
-        for rel, name in picks.items():
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / name, out / rel)
-            written.append(out / rel)
-        return written
+        return _copy_picks(source, names, lambda name: (source / name).read_bytes(), out)
     if zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             names = [n for n in zf.namelist() if not n.endswith("/")]
-            picks = {rel: _pick(names, rel) for rel in required_files()}
-            missing = [r for r, n in picks.items() if n is None]
-            if missing:
-                raise _missing_error(source, missing)
-            for rel, name in picks.items():
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(zf.read(name))
-                written.append(out / rel)
-        return written
+            return _copy_picks(source, names, zf.read, out)
     if tarfile.is_tarfile(source):
         with tarfile.open(source) as tf:
             members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isfile()}
-            picks = {rel: _pick(list(members), rel) for rel in required_files()}
-            missing = [r for r, n in picks.items() if n is None]
-            if missing:
-                raise _missing_error(source, missing)
-            for rel, name in picks.items():
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(tf.extractfile(members[name]).read())
-                written.append(out / rel)
-        return written
+            return _copy_picks(source, list(members), lambda name: tf.extractfile(members[name]).read(), out)
     raise sts.StsDataError(f"{source}: neither a folder nor a tar/zip archive")
 
 
