@@ -54,6 +54,28 @@ def tokenize(tokenizer, sentences: Sequence[str], max_length: int | None) -> lis
     return enc["input_ids"]
 
 
+def embed_in_length_order(lengths: Sequence[int], batch_size: int, embed_rows, *, progress: bool = False,
+                          desc: str = "encode") -> np.ndarray:
+    """`embed_rows(row indices) -> [len(rows), H]` over batches of similar length (less padding);
+    the result is [n, H] float32 in input order. Shared by the JAX and torch backends."""
+    order = np.argsort(lengths, kind="stable")
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", file=sys.stderr)
+    out = None
+    for start in starts:
+        rows = order[start : start + batch_size]
+        z = embed_rows(rows)
+        if out is None:
+            out = np.zeros((len(order), z.shape[1]), np.float32)
+        out[rows] = z
+    if out is None:
+        raise ValueError("no sentences to encode")
+    return out
+
+
 class SentenceEncoder:
     """Callable: list of sentences -> float32 array [n, H] in input order."""
 
@@ -88,32 +110,20 @@ class SentenceEncoder:
 
     def __call__(self, sentences: Sequence[str], *, progress: bool = False, desc: str = "encode") -> np.ndarray:
         ids = tokenize(self.tokenizer, sentences, self.max_length)
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        out = None
-        starts = range(0, len(ids), self.batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        return embed_in_length_order([len(x) for x in ids], self.batch_size, lambda rows: self._embed([ids[i] for i in rows]),
+                                     progress=progress, desc=desc)
 
-            starts = tqdm(starts, desc=desc, unit="batch", file=sys.stderr)
-        for start in starts:
-            rows = order[start : start + self.batch_size]
-            batch = [ids[i] for i in rows]
-            input_ids, mask = self._pad(batch)
-            arrays = (input_ids, mask, np.zeros_like(input_ids))
-            if self.mesh is not None:
-                arrays = jax.device_put(arrays, batch_sharding(self.mesh))
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                z = embed_batch(
-                    self.graphdef, self.params, *arrays,
-                    pooler=self.pooler, apply_mlp=self.apply_mlp, normalize=self.normalize,
-                )
-            z = np.asarray(z if z.is_fully_addressable else z.addressable_data(0))[: len(rows)]
-            if out is None:
-                out = np.zeros((len(ids), z.shape[1]), np.float32)
-            out[rows] = z
-        if out is None:
-            raise ValueError("no sentences to encode")
-        return out
+    def _embed(self, batch: list[list[int]]) -> np.ndarray:
+        input_ids, mask = self._pad(batch)
+        arrays = (input_ids, mask, np.zeros_like(input_ids))
+        if self.mesh is not None:
+            arrays = jax.device_put(arrays, batch_sharding(self.mesh))
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            z = embed_batch(
+                self.graphdef, self.params, *arrays,
+                pooler=self.pooler, apply_mlp=self.apply_mlp, normalize=self.normalize,
+            )
+        return np.asarray(z if z.is_fully_addressable else z.addressable_data(0))[: len(batch)]
 
     def _pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         longest = max(len(x) for x in batch)

@@ -64,24 +64,20 @@ class TorchEmbedder:
     def __call__(self, sentences: Sequence[str]) -> np.ndarray:
         import torch
 
+        from simcse_jax.encode import embed_in_length_order
+
         sentences = list(sentences)
         lengths = [len(x) for x in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
-        out = None
         hidden = self.pooler in ("avg_top2", "avg_first_last")
+
+        def embed_rows(rows):
+            batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            outputs = self.model(**batch, output_hidden_states=hidden, return_dict=True)
+            return torch_pool(self.pooler, outputs, batch["attention_mask"]).numpy()
+
         with torch.inference_mode():
-            for start in range(0, len(sentences), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
-                outputs = self.model(**batch, output_hidden_states=hidden, return_dict=True)
-                z = torch_pool(self.pooler, outputs, batch["attention_mask"]).numpy()
-                if out is None:
-                    out = np.zeros((len(sentences), z.shape[1]), np.float32)
-                out[rows] = z
-        if out is None:
-            raise ValueError("no sentences to encode")
-        return out
+            return embed_in_length_order(lengths, self.batch_size, embed_rows)
 
 
 def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_length: int | None = None,

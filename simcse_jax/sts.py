@@ -253,6 +253,13 @@ def format_table(numbers: dict[str, float]) -> str:
     return "\n".join([sep, row(names), sep, row(cells), sep])
 
 
+def uniformity(unit: np.ndarray, t: float = 2.0) -> float:
+    """log mean exp(-t ||x - y||^2) over all pairs of distinct rows of unit vectors [n, H]."""
+    sq = np.maximum(2.0 - 2.0 * (unit @ unit.T), 0.0)  # (n, H) . (H, n) -> (n, n) squared distances
+    iu = np.triu_indices(len(unit), k=1)
+    return float(np.log(np.mean(np.exp(-t * sq[iu]))))
+
+
 def alignment_uniformity(task: StsTask, vectors: dict[str, np.ndarray], *, threshold: float = 4.0) -> dict:
     """Wang & Isola (2020) on normalised embeddings, as the SimCSE paper measures them on STS-B.
 
@@ -272,9 +279,7 @@ def alignment_uniformity(task: StsTask, vectors: dict[str, np.ndarray], *, thres
     a, b = unit([vectors[s1[i]] for i in pos]), unit([vectors[s2[i]] for i in pos])
     align = float(((a - b) ** 2).sum(1).mean())
     e = unit([vectors[s] for s in dict.fromkeys(s1 + s2)])
-    sq = np.maximum(2.0 - 2.0 * (e @ e.T), 0.0)  # (n, H) . (H, n) -> (n, n) squared distances of unit vectors
-    iu = np.triu_indices(len(e), k=1)
-    uniform = float(np.log(np.mean(np.exp(-2.0 * sq[iu]))))
+    uniform = uniformity(e)
     return {"alignment": align, "uniformity": uniform, "positive_pairs": int(len(pos)), "sentences": int(len(e))}
 
 

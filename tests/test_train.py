@@ -245,3 +245,18 @@ def test_cpu_onednn_step_runs_and_equals_the_default_step(tiny_model_dir):
     assert abs(results[0][1] - results[1][1]) <= 1e-3 * results[0][1]
     for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_without_sts_data_the_builtin_corpus_gives_heldout_alignment_uniformity(
+        tiny_model_dir, data_cache, tmp_path):
+    config = TrainConfig(model=str(tiny_model_dir), train_file="builtin:docstrings", data_cache_dir=str(data_cache),
+                         global_batch_size=16, learning_rate=1e-3, max_steps=2, eval_steps=1, log_every=1,
+                         sts_dir=None, do_export=False)
+    result = train(config, tmp_path, progress=False)
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval/heldout" in x]
+    assert [e["step"] for e in evals] == [1, 2]
+    assert evals[0]["eval/heldout_alignment"] != evals[1]["eval/heldout_alignment"]  # the model trained
+    held = result["heldout"]
+    # Unit vectors: alignment is a mean squared distance in (0, 4]; uniformity is negative.
+    assert 0.0 < held["alignment"] <= 4.0 and held["uniformity"] < 0.0
+    assert held == {"alignment": evals[1]["eval/heldout_alignment"], "uniformity": evals[1]["eval/heldout_uniformity"]}
