@@ -68,7 +68,7 @@ def pipeline_rates(path: Path, tok, global_batch: int) -> dict[str, float]:
             ("batches: host numpy + MLM", {"mlm_probability": 0.15}),
             ("batches: global jax.Array", {"mesh": make_mesh({"data": 1}, devices=jax.devices()[:1])}),
         ]:
-            t, n = timed(lambda: epoch(**kw))
+            t, n = timed(lambda kw=kw: epoch(**kw))
             rates[name] = n / t
     return rates
 

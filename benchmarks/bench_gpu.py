@@ -135,7 +135,7 @@ def bench_torch(batch_np, args, model_flops, peak, tag) -> None:
     emit("torch_train_throughput", round(sentences / t, 1), "sentences/s", step_s=round(t, 5), devices=1,
          device_kind=name, attn=getattr(bert.config, "_attn_implementation", None), **tag)
     emit("torch_mfu", float(f"{model_flops / t / peak:.4g}"), "ratio", model_flops_per_step=model_flops, devices=1, **tag)
-    del step, bert
+    one = step = bert = None  # free the model before the JAX run
     if device == "cuda":
         torch.cuda.empty_cache()
 

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\nall-MiniLM-L6-v2, seq {args.seq}, unsup (2 views), one CPU device; MiB from compiled.memory_analysis()")
-    print(f"{'batch':>6} | {'peak, no cache':>14} | {'peak, chunk ' + str(args.chunk):>15} | {'temp, no cache':>14} | {'temp, cached':>12} | {'z+dz, logits':>13}")
+    print(f"{'batch':>6} | {'peak, no cache':>14} | {'peak, chunk ' + str(args.chunk):>15} | "
+          f"{'temp, no cache':>14} | {'temp, cached':>12} | {'z+dz, logits':>13}")
     by = {(r["global_batch"], r["grad_cache_chunk"]): r for r in rows}
     for b in sorted({r["global_batch"] for r in rows}):
         full, cached = by[(b, None)], by[(b, args.chunk)]

@@ -1,4 +1,10 @@
-"""Training checkpoints: an orbax `CheckpointManager` directory of named items per step.
+"""Checkpoints: every save and restore of model and train state goes through this module.
+
+An orbax `CheckpointManager` directory of named items per step. `manager` is the one factory
+(retention, async saves); `restore` is the one routine that reads items into given shardings
+(the current mesh, whatever mesh wrote them), used by the trainer's resume
+(`restore_train_state`), its best-model restore (`restore_params`) and `load_checkpoint`
+(export, eval).
 
 Layout of `<dir>/`:
 - `<step>/params`: the encoder's parameters, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`;
@@ -27,8 +33,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from simcse_jax.config import eval_pooler
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.hf_io import CheckpointError
+from simcse_jax.errors import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"
 JSON_ITEMS = frozenset({"meta", "data_state"})
@@ -49,13 +56,7 @@ class LoadedCheckpoint:
 
     @property
     def eval_pooler(self) -> str:
-        return eval_pooler(self.meta)
-
-
-def eval_pooler(meta: Mapping[str, Any]) -> str:
-    """The pooler to evaluate/export with: `cls` trained with mlp_only_train drops the MLP."""
-    pooler = meta.get("pooler", "cls")
-    return "cls_before_pooler" if pooler == "cls" and meta.get("mlp_only_train") else pooler
+        return eval_pooler(self.meta.get("pooler", "cls"), bool(self.meta.get("mlp_only_train")))
 
 
 def make_meta(
@@ -111,10 +112,88 @@ def _is_array(v) -> bool:
     return isinstance(v, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
-def manager(directory, *, max_to_keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+def manager(directory, *, max_to_keep: int | None = None, async_save: bool = False, create: bool = True) -> ocp.CheckpointManager:
+    """The one CheckpointManager factory: `max_to_keep` newest steps (None: all), async saves."""
     directory = Path(directory).expanduser().absolute()
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(directory, options=opts)
+
+
+def with_shardings(abstract, shardings):
+    """Abstract arrays (shape, dtype) carrying the shardings to restore into, leaf by leaf."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str, Any]) -> dict[str, Any]:
+    """Reads `abstract_items` ({name: abstract pytree with shardings, or None for JSON}) of `step`.
+
+    The arrays land directly in the given shardings: a checkpoint written on another mesh or
+    device count is resharded on read. Errors name the step folder.
+    """
+    try:
+        return dict(mngr.restore(step, args=restore_args(abstract_items)))
+    except Exception as e:  # orbax/tensorstore raise many types; the user needs the folder
+        raise CheckpointError(f"{Path(mngr.directory) / str(step)}: cannot restore ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------- the trainer's items
+
+
+def _opt_leaves(opt_state) -> dict:
+    # Saved as a flat {index: array} dict: orbax then needs no knowledge of optax's NamedTuples,
+    # and restoring into the current optimizer's tree checks the count and shapes.
+    return {str(i): x for i, x in enumerate(jax.tree.leaves(opt_state))}
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, state, meta: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
+    """Issues the (possibly async) save of a `train_step.TrainState` with its meta and data position."""
+    mngr.save(step, args=save_args({
+        "params": nnx.to_pure_dict(state.params),
+        "opt_state": _opt_leaves(state.opt_state),
+        "meta": {**meta, "step": int(step)},
+        "data_state": dict(data_state),
+    }))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings):
+    """(TrainState, meta, data_state) of `step`, placed in `shardings` (a TrainState of shardings)."""
+    from simcse_jax.train_step import TrainState
+
+    opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
+    abstract_opt = _opt_leaves(with_shardings(opt_leaves, jax.tree.leaves(shardings.opt_state)))
+    restored = restore(mngr, step, {
+        "params": with_shardings(nnx.to_pure_dict(abstract_state.params), nnx.to_pure_dict(shardings.params)),
+        "opt_state": abstract_opt, "meta": None, "data_state": None,
+    })
+    params = _params_state(abstract_state.params, restored["params"])
+    opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))])
+    step_array = jax.device_put(np.asarray(step, np.int32), shardings.step)
+    return TrainState(step=step_array, params=params, opt_state=opt_state), restored["meta"], restored["data_state"]
+
+
+def save_params(mngr: ocp.CheckpointManager, step: int, params: nnx.State, meta: Mapping[str, Any]) -> None:
+    """Saves parameters + meta only (the best-model checkpoint; what export and eval read)."""
+    mngr.save(step, args=save_args({"params": nnx.to_pure_dict(params), "meta": {**meta, "step": int(step)}}))
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: nnx.State, shardings: nnx.State) -> nnx.State:
+    """The parameters (an nnx.State like `abstract_params`) of `step`, placed in `shardings`."""
+    restored = restore(mngr, step, {
+        "params": with_shardings(nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(shardings)), "meta": None})
+    return _params_state(abstract_params, restored["params"])
+
+
+def _params_state(abstract_params: nnx.State, pure: dict) -> nnx.State:
+    params = jax.tree.map(lambda x: x, abstract_params)  # a fresh State to fill
+    nnx.replace_by_pure_dict(params, pure)
+    return params
+
+
+def save_tokenizer(directory, tokenizer) -> None:
+    """The tokenizer files beside the steps (once): each checkpoint folder is self-contained."""
+    folder = Path(directory) / TOKENIZER_SUBDIR
+    if not folder.is_dir():
+        tokenizer.save_pretrained(str(folder))
 
 
 def save_checkpoint(
@@ -145,10 +224,9 @@ def save_checkpoint(
         mngr.wait_until_finished()
     if own:
         mngr.close()
-    directory = Path(directory)
-    if tokenizer is not None and not (directory / TOKENIZER_SUBDIR).is_dir():
-        tokenizer.save_pretrained(str(directory / TOKENIZER_SUBDIR))
-    return directory
+    if tokenizer is not None:
+        save_tokenizer(directory, tokenizer)
+    return Path(directory)
 
 
 def is_checkpoint_dir(directory) -> bool:
@@ -199,13 +277,10 @@ def abstract_model(cfg: EncoderConfig, mesh: Mesh | None = None):
         from simcse_jax.sharding import param_shardings
 
         shardings = nnx.to_pure_dict(param_shardings(state, mesh))
-        pure = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
-        )
     else:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        pure = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), nnx.to_pure_dict(state))
-    return graphdef, state, pure
+        shardings = jax.tree.map(lambda _: single, nnx.to_pure_dict(state))
+    return graphdef, state, with_shardings(nnx.to_pure_dict(state), shardings)
 
 
 def load_checkpoint(
@@ -232,10 +307,7 @@ def load_checkpoint(
     graphdef, state, abstract = abstract_model(cfg, mesh)
     with manager(d, create=False) as mngr:
         step = _pick_step(mngr, d, step)
-        try:
-            restored = mngr.restore(step, args=restore_args({"params": abstract, **(extra_items or {})}))
-        except Exception as e:  # shape/tree mismatches surface here with orbax's own message
-            raise CheckpointError(f"{d / str(step) / 'params'}: cannot restore ({type(e).__name__}: {e})") from e
+        restored = restore(mngr, step, {"params": abstract, **(extra_items or {})})
     nnx.replace_by_pure_dict(state, restored["params"])
     model = nnx.merge(graphdef, state)
     extra = {k: restored[k] for k in (extra_items or {})}

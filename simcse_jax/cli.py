@@ -1,10 +1,17 @@
-"""`simcse-jax` command line: one subcommand per module, each module exposing `add_parser`."""
+"""`simcse-jax` command line: one subcommand per module, each module exposing `add_parser`.
+
+`main` is the one place that turns a `SimcseError` (bad input, a damaged checkpoint, a run that
+diverged) into a one-line message and an exit code: 2 for usage and configuration errors, 1 for
+the rest. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from simcse_jax.errors import SimcseError
 
 # Subcommand modules, in the order `--help` lists them. Each defines add_parser(subparsers),
 # which registers its command and sets `func` (args -> exit code).
@@ -30,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SimcseError as e:
+        print(f"error: {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,29 @@ import types
 import typing
 from pathlib import Path
 
-from simcse_jax.poolers import POOLERS
+from simcse_jax.errors import ConfigError
+
+# The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
+# config, a checkpoint's meta and the command line all choose among them.
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")
+
+
+def check_pooler(pooler: str, where: str = "pooler") -> str:
+    if pooler not in POOLERS:
+        raise ConfigError(f"{where}: unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
+    return pooler
+
+
+def eval_pooler(pooler: str, mlp_only_train: bool, explicit: str | None = None) -> str:
+    """The pooler that evaluates and exports a model trained with `pooler`.
+
+    The one place this is decided. The unsupervised recipe (`cls` with `mlp_only_train`) trains
+    through the MLP and drops it at evaluation: `cls_before_pooler`. `explicit` (a config's
+    `eval_pooler`, a `--pooler` flag) wins.
+    """
+    if explicit:
+        return check_pooler(explicit, "eval_pooler")
+    return "cls_before_pooler" if pooler == "cls" and mlp_only_train else pooler
 
 
 @dataclasses.dataclass
@@ -63,9 +85,14 @@ class TrainConfig:
     # XLA-CPU only: oneDNN matmuls for the update step's jit: +12-38 % step throughput on the
     # 2-core benchmark machine (benchmarks/bench_train_step.py), but the loss moves by ~3e-5
     # relative (vs ~3e-7 between mesh layouts), so it is opt-in. Per-jit on purpose: oneDNN set
-    # globally in XLA_FLAGS crashed an inference compile on jaxlib 0.10.2 (shared/PERF_NOTES.md).
+    # globally in XLA_FLAGS crashed an inference compile on jaxlib 0.10.2.
     cpu_onednn: bool = False
     on_nonfinite: str = "stop"  # "stop" (keep the last good checkpoint) or "skip" the update
+    # --- the loop (see train.py): how often the host looks at the device
+    # Multi-host runs vote on preemption (one small collective) every this many steps and at every
+    # save; a single process checks its own SIGTERM flag at every step for free.
+    preemption_check_steps: int = 10
+    prefetch_batches: int = 2  # global batches assembled and placed on the devices ahead of the step
     # --- mesh: one of the sizes may be -1 (all remaining devices)
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -82,12 +109,8 @@ class TrainConfig:
     do_test_eval: bool = True
     log_every: int = 10
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message starts with the key."""
 
 
 def _field_types() -> dict[str, typing.Any]:
@@ -170,6 +193,9 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
 
     if c.pooler not in POOLERS:
         bad("pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    for key in ("log_every", "preemption_check_steps", "prefetch_batches"):
+        if getattr(c, key) < 1:
+            bad(key, "must be >= 1")
     if c.eval_pooler is not None and c.eval_pooler not in POOLERS:
         bad("eval_pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
     if c.compute_dtype not in ("float32", "bfloat16", "float16"):

@@ -416,6 +416,19 @@ class DataIterator:
             out["mlm_input_ids"], out["mlm_labels"] = masked[rows], labels[rows]
         return out
 
+    def batch_keys(self) -> tuple[str, ...]:
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return keys + (("mlm_input_ids", "mlm_labels") if self.mlm_probability is not None else ())
+
+    def abstract_batch(self) -> dict:
+        """The global batch as `jax.ShapeDtypeStruct`s with their shardings (needs a mesh): what
+        the update step is compiled for before the first batch exists."""
+        import jax
+
+        if self.sharding is None:
+            raise DataError("abstract_batch needs the iterator's mesh")
+        return {k: jax.ShapeDtypeStruct(self.shape, np.int32, sharding=self.sharding) for k in self.batch_keys()}
+
     def __iter__(self):
         return self
 
@@ -429,6 +442,58 @@ class DataIterator:
         import jax
 
         return {k: jax.make_array_from_process_local_data(self.sharding, v, self.shape) for k, v in local.items()}
+
+
+class Prefetch:
+    """The next `depth` global batches, assembled and placed on the devices by a background thread.
+
+    The host builds batch s+1 (gather rows, mask, `make_array_from_process_local_data`) while the
+    devices run step s, so neither waits for the other. Each item is `(batch, position)` where
+    `position` is the iterator's `state()` right after that batch: the trainer saves the position
+    of the batches it *consumed*, not of the ones waiting in the queue, so a resume is exact.
+    An error in the thread is raised by the `next()` that would have returned its batch.
+    """
+
+    def __init__(self, iterator: DataIterator, depth: int = 2):
+        import queue
+        import threading
+
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="simcse-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        import queue
+
+        while not self._closed.is_set():
+            try:
+                item = (next(self._iterator), self._iterator.state())
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                item = e
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread; the batches still queued are dropped (they were never consumed)."""
+        self._closed.set()
+        self._thread.join(timeout=30)
 
 
 def make_data_iterator(

@@ -38,15 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from simcse_jax.errors import DataError
+
 log = logging.getLogger(__name__)
 
 READER_VERSION = 1  # part of the tokenized-cache key: bump when reading semantics change
 EMPTY_FIELD = " "  # what the reference substitutes for a missing field
 HF_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-class DataError(ValueError):
-    """Unusable training data; the message names the file (and line or row) at fault."""
 
 
 @dataclasses.dataclass

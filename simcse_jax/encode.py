@@ -20,8 +20,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder
-from simcse_jax.poolers import POOLERS, check_pooler, needs_hidden_states, pool
+from simcse_jax.errors import DataError, UsageError
+from simcse_jax.poolers import needs_hidden_states, pool
 from simcse_jax.sharding import batch_sharding, data_parallel_size
 
 LENGTH_BUCKET = 16
@@ -99,8 +101,7 @@ class SentenceEncoder:
         dp = data_parallel_size(mesh) if mesh is not None else 1
         # Rows must split evenly over the data-parallel devices.
         self.batch_size = -(-batch_size // dp) * dp
-        self.model_max = model.config.max_position_embeddings - (2 if model.config.model_type == "roberta" else 0)
-        self.max_length = min(max_length, self.model_max) if max_length else self.model_max
+        self.max_length = min(max_length, model.config.max_length) if max_length else model.config.max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
         self.set_model(model)
 
@@ -161,7 +162,7 @@ def parse_mesh_arg(text: str) -> dict[str, int]:
         try:
             axes[name.strip()] = int(size)
         except ValueError:
-            raise SystemExit(f"--mesh: {part!r} is not NAME=SIZE") from None
+            raise UsageError(f"--mesh: {part!r} is not NAME=SIZE") from None
     return axes
 
 
@@ -173,12 +174,12 @@ def run(args: argparse.Namespace) -> int:
 
     in_path = Path(args.input)
     if not in_path.is_file():
-        raise SystemExit(f"--input {in_path}: no such file")
+        raise UsageError(f"--input {in_path}: no such file")
     try:
         lines = in_path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         line_no = in_path.read_bytes()[: e.start].count(b"\n") + 1
-        raise SystemExit(f"{in_path}:{line_no}: not valid UTF-8") from None
+        raise DataError(f"{in_path}:{line_no}: not valid UTF-8") from None
     model_path = args.model or minilm_dir()
     loaded = load_pretrained(model_path)
     tokenizer = load_tokenizer(loaded.path)

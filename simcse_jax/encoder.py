@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simcse_jax.sharding import constrain_rows
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
 _ACTIVATIONS = {
@@ -80,11 +82,19 @@ class EncoderConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def max_length(self) -> int:
+        """The longest input (tokens, specials included) the position table serves.
+
+        RoBERTa numbers positions from padding_idx + 1 = 2, so two rows of its table are unused.
+        """
+        return self.max_position_embeddings - (2 if self.model_type == "roberta" else 0)
+
+    @property
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "EncoderConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> EncoderConfig:
         """Reads the fields we use from a Hugging Face config dict; other keys are ignored."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in fields}
@@ -226,17 +236,17 @@ class SelfOutput(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-        # `self` is Hugging Face's attribute name; NNX allows it as an attribute via setattr.
-        setattr(self, "self", SelfAttention(cfg, rngs))
+        self.self = SelfAttention(cfg, rngs)  # Hugging Face's attribute name
         self.output = SelfOutput(cfg, rngs)
 
     def __call__(self, x, mask_bias, key_probs, key_out):
-        return self.output(getattr(self, "self")(x, mask_bias, key_probs), x, key_out)
+        return self.output(self.self(x, mask_bias, key_probs), x, key_out)
 
 
 class Intermediate(nnx.Module):
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-        self.dense = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), std=cfg.initializer_range, dtype=cfg.dtype, rngs=rngs)
+        self.dense = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), std=cfg.initializer_range,
+                           dtype=cfg.dtype, rngs=rngs)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
@@ -245,7 +255,8 @@ class Intermediate(nnx.Module):
 
 class Output(nnx.Module):
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-        self.dense = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), std=cfg.initializer_range, dtype=cfg.dtype, rngs=rngs)
+        self.dense = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), std=cfg.initializer_range,
+                           dtype=cfg.dtype, rngs=rngs)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
         self.rate = cfg.hidden_dropout_prob
 
@@ -368,10 +379,10 @@ class Encoder(nnx.Module):
         # Hugging Face's eager path) so padded keys get exactly zero probability after softmax.
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         x = self.embeddings(input_ids, token_type_ids, _site_key(dropout_key, self.config.num_hidden_layers))
-        x = _constrain_batch(x)
+        x = constrain_rows(x)
         states = [x]
         for i, layer in enumerate(self.encoder.layer):
-            x = _constrain_batch(layer(x, mask_bias, _site_key(dropout_key, i)))
+            x = constrain_rows(layer(x, mask_bias, _site_key(dropout_key, i)))
             states.append(x)
         return EncoderOutput(x, tuple(states) if output_hidden_states else None)
 
@@ -382,18 +393,3 @@ class Encoder(nnx.Module):
             return self.lm_head(hidden, word)
         return self.cls(hidden, word)
 
-
-def _constrain_batch(x):
-    """Keeps activations batch-sharded over the data axes when a mesh is set (`jax.set_mesh`).
-
-    Without it the partitioner may shard activations along the hidden dimension under FSDP
-    parameter sharding; with it, FSDP behaves as ZeRO-3 (gather weights, keep rows local).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not batch_axes or x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
-        return x
-    spec = jax.sharding.PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,4 +1,5 @@
-"""The `eval` command: STS scores of a model with the JAX or the PyTorch backend.
+"""STS evaluation of a model: the `eval` command (JAX or PyTorch backend) and the trainer's
+evaluator (`TrainingEvaluator`: dev scores during training, the test table at the end).
 
 Both backends only turn sentences into vectors; scoring is `sts.evaluate` for both, so they can
 differ by floating-point noise alone. `jax` runs our encoder (`encode.SentenceEncoder`: batches of
@@ -16,10 +17,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
-from simcse_jax.poolers import POOLERS, check_pooler
 from simcse_jax import sts
+from simcse_jax.config import POOLERS, TrainConfig, check_pooler, eval_pooler
+from simcse_jax.encode import SentenceEncoder
+from simcse_jax.encoder import EncoderConfig
+from simcse_jax.errors import UsageError
+from simcse_jax.objective import embed_views
+from simcse_jax.sharding import batch_sharding, data_parallel_size
+from simcse_jax.train_step import objective_config
+
+BEST_METRIC = "STSBenchmark"  # STS-B dev Spearman selects the best checkpoint, as in the reference
 
 
 def torch_pool(pooler: str, outputs, attention_mask):
@@ -56,8 +67,7 @@ class TorchEmbedder:
         self.pooler = check_pooler(pooler)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).eval().float()
-        cfg = self.model.config
-        limit = cfg.max_position_embeddings - (2 if cfg.model_type == "roberta" else 0)
+        limit = EncoderConfig.from_hf_dict(self.model.config.to_dict()).max_length
         self.max_length = min(max_length, limit) if max_length else limit
         self.batch_size = batch_size
 
@@ -83,8 +93,7 @@ class TorchEmbedder:
 def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_length: int | None = None,
                  mesh_axes: dict[str, int] | None = None):
     """(SentenceEncoder, pooler) for a simcse-jax checkpoint or a Hugging Face folder."""
-    from simcse_jax.checkpoint import eval_pooler, is_checkpoint_dir, load_checkpoint
-    from simcse_jax.encode import SentenceEncoder
+    from simcse_jax.checkpoint import is_checkpoint_dir, load_checkpoint
     from simcse_jax.hf_io import load_pretrained, load_tokenizer
     from simcse_jax.sharding import make_mesh, shard_model
 
@@ -92,10 +101,10 @@ def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_l
     if is_checkpoint_dir(model_path):
         ckpt = load_checkpoint(model_path, mesh=mesh)
         model, tokenizer = ckpt.model, load_tokenizer(ckpt.tokenizer_dir)
-        pooler = pooler or eval_pooler(ckpt.meta)
+        pooler = pooler or ckpt.eval_pooler
     else:
         if pooler is None:
-            raise ValueError(f"{model_path} is a Hugging Face folder: pass --pooler ({', '.join(POOLERS)})")
+            raise UsageError(f"{model_path} is a Hugging Face folder: pass --pooler ({', '.join(POOLERS)})")
         loaded = load_pretrained(model_path)
         model, tokenizer = shard_model(loaded.model, mesh), load_tokenizer(loaded.path)
     enc = SentenceEncoder(model, tokenizer, pooler=pooler, mesh=mesh, batch_size=batch_size, max_length=max_length)
@@ -117,16 +126,86 @@ def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: 
         embed, pooler = jax_embedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length, mesh_axes=mesh_axes)
     elif backend == "torch":
         if pooler is None:
-            raise ValueError("the torch backend needs --pooler")
+            raise UsageError("the torch backend needs --pooler")
         if not (Path(model_path) / "config.json").is_file():
-            raise ValueError(f"{model_path}: the torch backend reads a Hugging Face folder (config.json); "
+            raise UsageError(f"{model_path}: the torch backend reads a Hugging Face folder (config.json); "
                              "export a checkpoint first with `simcse-jax export`")
         embed = TorchEmbedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length)
     else:
-        raise ValueError(f"backend must be jax or torch, not {backend!r}")
+        raise UsageError(f"backend must be jax or torch, not {backend!r}")
     res = sts.evaluate(embed, loaded_tasks)
     return {"model": str(model_path), "backend": backend, "pooler": pooler, "split": split, "sts_dir": str(sts_dir),
             "limit": limit, **res, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+class TrainingEvaluator:
+    """The trainer's evaluation: STS-B / SICK-R dev Spearman during training and the STS test
+    table at the end (JAX backend, the run's mesh), or, without STS data, alignment/uniformity
+    on held-out text. Compiles once per run; `params` change, the programs do not."""
+
+    def __init__(self, config: TrainConfig, graphdef, tokenizer, mesh, sts_dir: Path | None, heldout: Path | None):
+        self.config, self.graphdef, self.tokenizer, self.mesh = config, graphdef, tokenizer, mesh
+        self.sts_dir, self.heldout = sts_dir, heldout
+        self.pooler = eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler)
+        self.dev_tasks = [sts.load_task(sts_dir, t, "dev") for t in sts.DEV_TASKS] if sts_dir else []
+        self.encoder = None
+        self._heldout = None
+
+    def _encoder(self, params):
+        model = nnx.merge(self.graphdef, params)
+        if self.encoder is None:
+            self.encoder = SentenceEncoder(model, self.tokenizer, pooler=self.pooler, mesh=self.mesh,
+                                           batch_size=self.config.eval_batch_size)
+        else:
+            self.encoder.set_model(model)
+        return self.encoder
+
+    def dev(self, params) -> dict[str, float]:
+        """{'eval/STSBenchmark': ..., 'eval/SICKRelatedness': ...} (Spearman x 100), or held-out stats."""
+        if self.dev_tasks:
+            res = sts.evaluate(self._encoder(params), self.dev_tasks, align_uniform=False)
+            return {f"eval/{k}": v for k, v in res["paper"].items() if k != "Avg."}
+        if self.heldout is not None:
+            return {f"eval/heldout_{k}": v for k, v in self.heldout_alignment_uniformity(params).items()}
+        return {}
+
+    def test(self, params) -> dict:
+        tasks = [sts.load_task(self.sts_dir, t, "test") for t in sts.TASKS]
+        return sts.evaluate(self._encoder(params), tasks)
+
+    def heldout_alignment_uniformity(self, params, max_sentences: int = 1024) -> dict[str, float]:
+        """Wang & Isola on held-out sentences: alignment between two dropout views of each
+        sentence (the unsupervised positives), uniformity of the evaluation embeddings."""
+        if self._heldout is None:  # tokenized, placed and compiled once per run
+            lines = [s for s in self.heldout.read_text(encoding="utf-8").splitlines() if s.strip()]
+            dp = data_parallel_size(self.mesh)
+            lines = lines[: (min(len(lines), max_sentences) // dp) * dp]
+            ids = self.tokenizer(lines, max_length=self.config.max_seq_length, truncation=True,
+                                 padding="max_length", return_tensors="np")
+            batch = {k: np.repeat(ids[k][:, None].astype(np.int32), 2, axis=1) for k in ("input_ids", "attention_mask")}
+            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+            cfg, graphdef = objective_config(self.config), self.graphdef
+            views = jax.jit(lambda p, b, k: embed_views(nnx.merge(graphdef, p), b, cfg, k))
+            self._heldout = (lines, jax.device_put(batch, batch_sharding(self.mesh, 3)), views)
+        lines, batch, views = self._heldout
+        with jax.set_mesh(self.mesh):
+            z = views(params, batch, jax.random.key(0))
+        z = np.asarray(z, np.float64)
+        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        e = self._encoder(params)(lines).astype(np.float64)
+        return {"alignment": float(((z[:, 0] - z[:, 1]) ** 2).sum(-1).mean()),
+                "uniformity": sts.uniformity(e / np.linalg.norm(e, axis=-1, keepdims=True))}
+
+
+def eval_line(step: int, scores: dict[str, float], best_score: float, best_step: int | None) -> str:
+    """One log line for a dev evaluation: STS numbers with 2 decimals, held-out stats with 4."""
+    parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" if "STS" in k or "SICK" in k else f"{k.split('/', 1)[1]} {v:.4f}"
+                      for k, v in scores.items())
+    best = f" (best {best_score:.2f} at step {best_step})" if best_step is not None else ""
+    return f"step {step} dev: {parts}{best}"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -149,15 +228,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simcse_jax.hf_io import CheckpointError
-
     sts_dir = Path(args.sts_dir).expanduser() if args.sts_dir else sts.default_sts_dir()
-    try:
-        res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
-                       pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,
-                       all_splits=args.all_splits)
-    except (sts.StsDataError, CheckpointError, ValueError) as e:
-        raise SystemExit(f"eval: {e}") from None
+    res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
+                   pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,
+                   all_splits=args.all_splits)
     print(f"{args.backend} backend, pooler {res['pooler']}, {args.split} split{f', first {args.limit} pairs' if args.limit else ''}:")
     print(sts.format_table(res["paper"]))
     if "align_uniform" in res:

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder
+from simcse_jax.errors import ExportError
 from simcse_jax.hf_io import CheckpointError
-from simcse_jax.poolers import POOLERS, check_pooler
 
 VERIFY_TOL = 1e-5
 VERIFY_SENTENCES = (
@@ -42,10 +43,6 @@ _ST_POOLING = {"avg": "mean", "cls_before_pooler": "cls", "cls": "cls"}
 _ENCODER_ONLY_FIELDS = ("compute_dtype", "with_mlm_head")
 _MLM_HEADS = ("cls", "lm_head")
 ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel"}
-
-
-class ExportError(RuntimeError):
-    """The written folder does not reproduce the JAX model (or cannot be written)."""
 
 
 def hf_state_dict(model: Encoder) -> dict[str, np.ndarray]:
@@ -149,7 +146,8 @@ def _model_card(model: Encoder, pooler: str, meta: Mapping[str, Any], scores: Ma
                   "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
                   "| " + " | ".join(f"{scores[k]:.2f}" for k in names) + " |", ""]
     if meta.get("train_config"):
-        lines += ["## Training configuration", "", "```json", json.dumps(meta["train_config"], indent=2, sort_keys=True, default=str), "```", ""]
+        config_json = json.dumps(meta["train_config"], indent=2, sort_keys=True, default=str)
+        lines += ["## Training configuration", "", "```json", config_json, "```", ""]
     return "\n".join(lines)
 
 
@@ -193,7 +191,7 @@ def export_model(
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
-    max_len = model.config.max_position_embeddings - (2 if model.config.model_type == "roberta" else 0)
+    max_len = model.config.max_length
     st = _write_sentence_transformers(out, model, pooler, max_len)
     if not st:
         print(f"note: sentence-transformers cannot express pooler {pooler!r}; no modules.json written", file=sys.stderr)
@@ -224,14 +222,14 @@ def verify_export(out: Path, model: Encoder, tokenizer, pooler: str, sentences: 
 def export_checkpoint(ckpt_dir, out_dir, *, pooler: str | None = None, step: int | None = None,
                       scores: Mapping[str, float] | None = None, overwrite: bool = False, verify: bool = True) -> Path:
     """Orbax checkpoint (latest or given step) -> Hugging Face folder; pooler defaults to the trained one."""
-    from simcse_jax.checkpoint import eval_pooler, load_checkpoint
+    from simcse_jax.checkpoint import load_checkpoint
     from simcse_jax.hf_io import load_tokenizer
 
     ckpt = load_checkpoint(ckpt_dir, step)
     if not ckpt.tokenizer_dir.is_dir():
         raise CheckpointError(f"{ckpt.tokenizer_dir}: tokenizer folder missing from the checkpoint")
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-    return export_model(ckpt.model, tokenizer, out_dir, pooler=pooler or eval_pooler(ckpt.meta), meta=ckpt.meta,
+    return export_model(ckpt.model, tokenizer, out_dir, pooler=pooler or ckpt.eval_pooler, meta=ckpt.meta,
                         scores=scores, overwrite=overwrite, verify=verify)
 
 
@@ -281,19 +279,13 @@ def run_export(args: argparse.Namespace) -> int:
     scores = None
     if args.scores:
         scores = json.loads(Path(args.scores).read_text()).get("paper")
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, pooler=args.pooler, step=args.step, scores=scores,
-                                overwrite=args.overwrite, verify=not args.no_verify)
-    except (CheckpointError, ExportError) as e:
-        raise SystemExit(f"export: {e}") from None
+    out = export_checkpoint(args.checkpoint, args.out, pooler=args.pooler, step=args.step, scores=scores,
+                            overwrite=args.overwrite, verify=not args.no_verify)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
-    try:
-        out = import_hf(args.hf_dir, args.out, pooler=args.pooler, mlp_only_train=args.mlp_only_train, overwrite=args.overwrite)
-    except CheckpointError as e:
-        raise SystemExit(f"import: {e}") from None
+    out = import_hf(args.hf_dir, args.out, pooler=args.pooler, mlp_only_train=args.mlp_only_train, overwrite=args.overwrite)
     print(f"wrote checkpoint {out} (step 0)", file=sys.stderr)
     return 0

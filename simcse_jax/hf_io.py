@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from simcse_jax.encoder import SUPPORTED_MODEL_TYPES, Encoder, EncoderConfig
+from simcse_jax.errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _PREFIXES = ("bert.", "roberta.")
@@ -35,10 +36,6 @@ _SKIPPED = re.compile(
     r"(^|\.)position_ids$|^(cls\.predictions\.decoder\.(weight|bias)|lm_head\.decoder\.(weight|bias))$"
 )
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face folder that cannot be loaded; the message names the file and parameter."""
 
 
 @dataclasses.dataclass
@@ -235,7 +232,7 @@ def load_pretrained(
                 f"architecture in {model_dir / 'config.json'} expects "
                 f"{tuple(reversed(var.shape)) if transpose else tuple(var.shape)}"
             )
-        var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
+        var.set_value(value)
         loaded.add(leaf)
 
     # Reported in Hugging Face's names (what the user sees in their checkpoint).

@@ -6,7 +6,7 @@
 Each child is `python -m simcse_jax.cli <args after -->` with its own CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=<d>`, `JAX_PLATFORMS=cpu`) and the trainer's
 explicit multi-host environment (`SIMCSE_COORDINATOR=127.0.0.1:<port>`, `SIMCSE_NUM_PROCESSES`,
-`SIMCSE_PROCESS_ID`): `maybe_initialize_distributed` then calls `jax.distributed.initialize`
+`SIMCSE_PROCESS_ID`): `distributed.initialize` then calls `jax.distributed.initialize`
 with gloo CPU collectives, process 0 hosting the coordinator. Every multi-host code path (per-host
 data rows, global arrays from process-local data, collective checkpoints, lead-only logging,
 the all-host preemption vote) runs here exactly as on a pod, only over loopback.
@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from simcse_jax.errors import UsageError
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 KILL_GRACE_S = 10.0  # after SIGTERM, how long a child may take (a preemption save) before SIGKILL
@@ -91,9 +93,9 @@ def launch(
     124 when `timeout` seconds pass first.
     """
     if num_processes < 1 or devices_per_process < 1:
-        raise ValueError(f"--num-processes and --devices-per-process must be >= 1, got {num_processes}, {devices_per_process}")
+        raise UsageError(f"--num-processes and --devices-per-process must be >= 1, got {num_processes}, {devices_per_process}")
     if not command:
-        raise ValueError("nothing to run: give the simcse-jax subcommand after '--', e.g. -- train --config ...")
+        raise UsageError("nothing to run: give the simcse-jax subcommand after '--', e.g. -- train --config ...")
     out = sys.stdout if out is None else out
     program = [sys.executable, "-m", "simcse_jax.cli"] if program is None else list(program)
     port = port or free_port()
@@ -188,9 +190,5 @@ def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    try:
-        return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                      port=args.port, timeout=args.timeout, pids_file=args.pids_file)
-    except ValueError as e:
-        print(f"error: launch-local: {e}", file=sys.stderr)
-        return 2
+    return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+                  port=args.port, timeout=args.timeout, pids_file=args.pids_file)

@@ -25,15 +25,15 @@ matmul the only B^2 work and lets the keys be normalised once before they are ga
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from simcse_jax.sharding import batch_axes, constrain_rows
 
 IGNORE_INDEX = -100
 COSINE_EPS = 1e-8
-BATCH_AXES = ("data", "fsdp")
 
 
 def normalize_rows(z: jax.Array) -> jax.Array:
@@ -41,24 +41,6 @@ def normalize_rows(z: jax.Array) -> jax.Array:
     z = z.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
     return z / jnp.maximum(norm, COSINE_EPS)
-
-
-def _active_batch_axes(rows: int) -> tuple[str, ...] | None:
-    """The set mesh's batch axes (size > 1) if `rows` splits over them, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or rows % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes
-
-
-def _row_sharded(x: jax.Array) -> jax.Array:
-    axes = _active_batch_axes(x.shape[0])
-    if axes is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
 
 def _hard_negative_bonus(rows: int, offset, num_keys: int, weight: float) -> jax.Array:
@@ -88,7 +70,7 @@ def simcse_logits(
     keys = normalize_rows(z2) if z3 is None else jnp.concatenate([normalize_rows(z2), normalize_rows(z3)], axis=0)
     # (B, H) . (K, H) -> (B, K): K = B, or 2B with the hard negatives as extra columns.
     logits = jnp.einsum("bh,kh->bk", q, keys, precision=jax.lax.Precision.HIGHEST) / temperature
-    logits = _row_sharded(logits)
+    logits = constrain_rows(logits)
     if z3 is not None and hard_negative_weight != 0.0:
         logits = logits + _hard_negative_bonus(q.shape[0], 0, keys.shape[0], hard_negative_weight)
     return logits
@@ -133,7 +115,7 @@ def simcse_loss_shard_map(
     which sums every device's contribution to a key row back onto the row's owner.
     """
     _check(z1, z2, z3)
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or BATCH_AXES[:1]
+    axes = tuple(a for a in batch_axes() if mesh.shape[a] > 1) or batch_axes()[:1]
     b_total = z1.shape[0]
     row = P(axes, None)
 
@@ -178,7 +160,7 @@ def uniformity(z: jax.Array, t: float = 2.0) -> jax.Array:
     """Wang & Isola uniformity: log mean_{i != j} exp(-t |f(x_i) - f(x_j)|^2), normalised rows."""
     zn = normalize_rows(z)
     # (B, H) . (H, B) -> (B, B); |a - b|^2 = 2 - 2 a.b for unit vectors.
-    sq = _row_sharded(jnp.maximum(2.0 - 2.0 * jnp.einsum("bh,ch->bc", zn, zn, precision=jax.lax.Precision.HIGHEST), 0.0))
+    sq = constrain_rows(jnp.maximum(2.0 - 2.0 * jnp.einsum("bh,ch->bc", zn, zn, precision=jax.lax.Precision.HIGHEST), 0.0))
     n = z.shape[0]
     off_diag = ~jnp.eye(n, dtype=bool)
     # log-sum-exp over the n(n-1) distinct ordered pairs (the same mean as over unordered pairs).

@@ -45,7 +45,7 @@ class MetricsLog:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
-    def progress(self, total: int, initial: int, sentences_per_step: int) -> "Progress | None":
+    def progress(self, total: int, initial: int, sentences_per_step: int) -> Progress | None:
         return Progress(total, initial, sentences_per_step) if self.enabled else None
 
     def close(self) -> None:
@@ -55,7 +55,11 @@ class MetricsLog:
 
 
 class Progress:
-    """tqdm bar: steps/s and ETA from tqdm; loss, accuracy and sentences/s in the postfix."""
+    """tqdm bar: steps/s and ETA from tqdm; loss, accuracy and sentences/s in the postfix.
+
+    `advance()` moves the bar at every step (host only); `show(meas)` updates the figures when the
+    trainer has fetched them (log steps), so the bar never makes the host wait for the devices.
+    """
 
     def __init__(self, total: int, initial: int, sentences_per_step: int):
         from tqdm.auto import tqdm
@@ -63,8 +67,10 @@ class Progress:
         self.sentences_per_step = sentences_per_step
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, meas: dict) -> None:
+    def advance(self) -> None:
         self.bar.update(1)
+
+    def show(self, meas: dict) -> None:
         post = {"loss": f"{meas['loss']:.4f}", "acc": f"{meas['accuracy']:.3f}", "lr": f"{meas['learning_rate']:.2e}"}
         rate = self.bar.format_dict.get("rate")
         if rate:

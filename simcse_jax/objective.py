@@ -53,7 +53,8 @@ class ObjectiveConfig:
     mlp_only_train: bool = False  # unsup recipe: MLP in training only
     do_mlm: bool = False
     mlm_weight: float = 0.1
-    # Gradient caching: global rows per chunk (None = one forward/backward over the whole batch).
+    # Gradient caching: global rows per chunk (0 or None = one forward/backward over the whole
+    # batch). Field names are TrainConfig's: `train_step.objective_config` copies the shared fields.
     grad_cache_chunk_size: int | None = None
     # Refused above 1: see the module docstring (use grad_cache_chunk_size instead).
     gradient_accumulation_steps: int = 1
@@ -62,8 +63,8 @@ class ObjectiveConfig:
         check_pooler(self.pooler, "objective.pooler")
         if not self.temperature > 0:
             raise ValueError(f"objective.temperature must be > 0, got {self.temperature}")
-        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 1:
-            raise ValueError(f"objective.grad_cache_chunk_size must be a positive int or None, got {self.grad_cache_chunk_size}")
+        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 0:
+            raise ValueError(f"objective.grad_cache_chunk_size must be >= 0 or None, got {self.grad_cache_chunk_size}")
         if self.gradient_accumulation_steps != 1:
             raise ValueError(
                 f"objective.gradient_accumulation_steps={self.gradient_accumulation_steps}: micro-batch gradient "
@@ -159,7 +160,7 @@ def num_chunks_for(cfg: ObjectiveConfig, global_batch: int, data_parallel: int) 
     if global_batch % data_parallel:
         raise ValueError(f"global batch {global_batch} is not divisible by the {data_parallel} data-parallel devices")
     c = cfg.grad_cache_chunk_size
-    if c is None or c >= global_batch:
+    if not c or c >= global_batch:
         return 1
     if global_batch % c or c % data_parallel:
         raise ValueError(

@@ -48,9 +48,10 @@ class OptimConfig:
     learning_rate: float = 3e-5  # the reference's unsup BERT-base rate (HF's default is 5e-5)
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
+    # Field names are TrainConfig's: `train_step.optim_config` copies the fields both declare.
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     reference_world_size: int = 1  # see the module docstring
 
@@ -111,9 +112,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """clip (torch formula) -> AdamW (torch semantics) on the linear schedule."""
     adamw = optax.adamw(
         linear_schedule(cfg),
-        b1=cfg.adam_b1,
-        b2=cfg.adam_b2,
-        eps=cfg.adam_eps,
+        b1=cfg.adam_beta1,
+        b2=cfg.adam_beta2,
+        eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
         mask=decay_mask,
     )

@@ -11,19 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder, EncoderOutput
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")
+__all__ = ["POOLERS", "check_pooler", "needs_hidden_states", "pool"]
 
 
 def needs_hidden_states(pooler: str) -> bool:
     return pooler in ("avg_top2", "avg_first_last")
-
-
-def check_pooler(pooler: str, where: str = "pooler") -> str:
-    if pooler not in POOLERS:
-        raise ValueError(f"{where}: unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
-    return pooler
 
 
 def _masked_mean(h: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -106,19 +107,48 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-    """Rows over the data axes (`batch` rule), every other dimension replicated."""
+def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rows of a batch are split over: the `batch` rule.
+
+    The one source of truth for the data layout (`batch_sharding`), the encoder's activation
+    constraints and the loss's row-sharded logits (`row_axes`).
+    """
     axes = dict(rules)["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+    """Rows over the batch axes, every other dimension replicated."""
+    axes = tuple(a for a in batch_axes(rules) if mesh.shape[a] > 1)
     return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
 
 
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     """How many ways the batch is split: the global batch must be a multiple of this."""
-    axes = dict(rules)["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def row_axes(rows: int, rules=DEFAULT_RULES) -> tuple[str, ...] | None:
+    """Inside a trace: the set mesh's batch axes (size > 1) if `rows` splits over them, else None.
+
+    For `with_sharding_constraint` on activations and logits ([rows, ...] kept row-sharded).
+    None without a mesh (`jax.set_mesh`) or when the rows do not divide (a small eval batch).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = tuple(a for a in batch_axes(rules) if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes
+
+
+def constrain_rows(x: jax.Array, rules=DEFAULT_RULES) -> jax.Array:
+    """`x` [rows, ...] constrained to be row-sharded over the batch axes (no-op where `row_axes` is None)."""
+    axes = row_axes(x.shape[0], rules)
+    if axes is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from simcse_jax.errors import StsDataError
+
 STS_YEARS = {
     "STS12": ("STS12-en-test", ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews")),
     "STS13": ("STS13-en-test", ("FNWN", "headlines", "OnWN")),  # SMT is LDC-licensed, absent in SentEval too
@@ -41,10 +43,6 @@ TASKS = (*STS_YEARS, "STSBenchmark", "SICKRelatedness")
 DEV_TASKS = ("STSBenchmark", "SICKRelatedness")
 STS_DIR_ENV = "SIMCSE_STS_DIR"
 DEFAULT_STS_DIR = Path("data/sts")  # relative to the working directory, as config.resolve_sts_dir
-
-
-class StsDataError(ValueError):
-    """Missing or malformed STS data; the message names the file (and line)."""
 
 
 @dataclasses.dataclass

@@ -2,36 +2,40 @@
 
 `train` reads top to bottom in the order a run happens:
 
- 1. hosts and devices: `jax.distributed.initialize()` when the environment names several
-    processes; the config is validated before anything is compiled;
+ 1. the config is validated before anything is compiled and recorded in the workdir;
  2. the mesh, the tokenizer and the data iterator (each host reads its own rows);
  3. the model and optimizer: parameters born sharded (abstract shapes first; weights either
     restored from the latest checkpoint or read from the Hugging Face folder and placed by the
-    sharding rules), the jitted update step;
- 4. the loop: update, measurements, progress, periodic STS-B dev evaluation selecting the best
-    checkpoint, periodic (async) checkpoints, preemption and non-finite checks;
+    sharding rules); the update step compiled ahead of time from the abstract batch;
+ 4. the loop (below);
  5. the end: restore the best parameters, STS test evaluation, export to a Hugging Face folder,
     `results.json`.
+
+The loop never waits for the devices between steps: it dispatches update s+1 while update s
+runs. Batches are assembled and placed on the devices by a prefetch thread (`data.Prefetch`).
+Measurements stay on the devices and come to the host together only at log steps (one step
+after they were dispatched, so the next update is already queued), evaluation steps and save
+steps, which need the state anyway. The logged figures are each log step's own values, as
+before. Non-finite detection is exact: every fetch checks every step since the last one, and a
+fetch precedes every save, so `on_nonfinite=stop` names the first bad step and never saves a
+state from it or after it.
 
 Determinism: the data order is a function of (seed, epoch) and the dropout key of update `s` is
 `fold_in(key(seed), s)`, so a resumed run repeats exactly what an uninterrupted one would do.
 
-Checkpoints (`<workdir>/checkpoints/`): `latest/` keeps the newest `keep_checkpoints` complete
-training states (params, opt_state, data_state with the iterator position and the best-so-far,
-meta) for resuming; `best/` keeps the parameters with the highest STS-B dev Spearman. orbax
-writes each step to a temporary folder and renames it when complete, so a crash mid-save leaves
-no checkpoint that a restart would load.
+Checkpoints (`<workdir>/checkpoints/`, see checkpoint.py): `latest/` keeps the newest
+`keep_checkpoints` complete training states for resuming; `best/` keeps the parameters with the
+highest STS-B dev Spearman. orbax makes a step visible only when it is complete, so a crash
+mid-save leaves no checkpoint that a restart would load.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -39,56 +43,38 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
-from simcse_jax import sts
-from simcse_jax.config import ConfigError, TrainConfig, load_config, resolve_sts_dir, validate
+from simcse_jax import distributed, sts
+from simcse_jax.config import TrainConfig, eval_pooler, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
-from simcse_jax.data import make_data_iterator
-from simcse_jax.encode import SentenceEncoder
+from simcse_jax.data import Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, EncoderConfig
+from simcse_jax.errors import TrainingError
+from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir, read_config, resolve_model_dir
 from simcse_jax.metrics_log import MetricsLog
-from simcse_jax.objective import ObjectiveConfig, embed_views
-from simcse_jax.optim import OptimConfig, make_optimizer
-from simcse_jax.sharding import batch_sharding, data_parallel_size, make_mesh
-from simcse_jax.train_step import TrainState, init_train_state, make_train_step, state_shardings
+from simcse_jax.optim import make_optimizer
+from simcse_jax.sharding import data_parallel_size, make_mesh
+from simcse_jax.train_step import (
+    TrainState,
+    compile_train_step,
+    init_train_state,
+    make_train_step,
+    objective_config,
+    optim_config,
+    state_shardings,
+)
 
 MODEL_ALIASES = {"builtin:minilm": minilm_dir}
+# XLA-CPU: oneDNN matmuls for the update's jit only (see TrainConfig.cpu_onednn).
 CPU_ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-DEV_TASKS = ("STSBenchmark", "SICKRelatedness")
-BEST_METRIC = "STSBenchmark"
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue (non-finite loss, ...); the message names the step."""
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-
-
-def maybe_initialize_distributed() -> None:
-    """Joins the other processes of a multi-host run (before any other jax call).
-
-    Explicit: SIMCSE_COORDINATOR=host:port, SIMCSE_NUM_PROCESSES, SIMCSE_PROCESS_ID (the local
-    launcher). Otherwise jax's own cluster detection (SLURM, TPU pods, ...) when such a cluster
-    environment is present. A single process does nothing.
-    """
-    env = os.environ
-    if "SIMCSE_COORDINATOR" in env:
-        if jax.config.jax_platforms in (None, "", "cpu") and env.get("SIMCSE_CPU_COLLECTIVES", "gloo"):
-            # Cross-process collectives between CPU devices (the local multi-process launcher).
-            jax.config.update("jax_cpu_collectives_implementation", env.get("SIMCSE_CPU_COLLECTIVES", "gloo"))
-        jax.distributed.initialize(
-            coordinator_address=env["SIMCSE_COORDINATOR"],
-            num_processes=int(env["SIMCSE_NUM_PROCESSES"]),
-            process_id=int(env["SIMCSE_PROCESS_ID"]),
-        )
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize()
 
 
 def resolve_model(name: str) -> Path:
@@ -103,39 +89,6 @@ def resolve_train_file(config: TrainConfig, workdir: Path) -> tuple[str, Path | 
     return config.train_file, None
 
 
-def objective_config(c: TrainConfig) -> ObjectiveConfig:
-    return ObjectiveConfig(
-        temperature=c.temperature,
-        hard_negative_weight=c.hard_negative_weight,
-        pooler=c.pooler,
-        mlp_only_train=c.mlp_only_train,
-        do_mlm=c.do_mlm,
-        mlm_weight=c.mlm_weight,
-        grad_cache_chunk_size=c.grad_cache_chunk_size or None,
-        gradient_accumulation_steps=c.gradient_accumulation_steps,
-    )
-
-
-def optim_config(c: TrainConfig, total_steps: int) -> OptimConfig:
-    return OptimConfig(
-        total_steps=total_steps,
-        learning_rate=c.learning_rate,
-        warmup_steps=c.warmup_steps,
-        weight_decay=c.weight_decay,
-        adam_b1=c.adam_beta1,
-        adam_b2=c.adam_beta2,
-        adam_eps=c.adam_epsilon,
-        max_grad_norm=c.max_grad_norm,
-        reference_world_size=c.reference_world_size,
-    )
-
-
-def eval_pooler_of(c: TrainConfig) -> str:
-    if c.eval_pooler:
-        return c.eval_pooler
-    return "cls_before_pooler" if c.pooler == "cls" and c.mlp_only_train else c.pooler
-
-
 def fresh_mlp(model: Encoder, seed: int) -> None:
     """Re-initialises `pooler.dense` as the reference's new MLPLayer: N(0, initializer_range), bias 0.
 
@@ -147,127 +100,31 @@ def fresh_mlp(model: Encoder, seed: int) -> None:
     model.pooler.dense.bias.set_value(jnp.zeros(model.pooler.dense.bias.shape, jnp.float32))
 
 
-class PreemptionFlag:
-    """Set by SIGTERM (or a TPU preemption notice); checked at step boundaries on every host."""
+class PendingMeasurements:
+    """Per-step measurements still on the devices, fetched together when the loop must look.
+
+    `fetch()` is the loop's only device-to-host read of measurements: one transfer for every
+    step since the last fetch, each checked for a non-finite loss or gradient norm.
+    """
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._pending: list[tuple[int, dict]] = []
 
-    def _on_signal(self, signum, frame):
-        self.requested = True
+    def add(self, step: int, meas: dict) -> None:
+        self._pending.append((step, meas))
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def should_stop(self, step: int) -> bool:
-        local = self.requested
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            with contextlib.suppress(Exception):  # only where the preemption service runs (TPU)
-                local = local or multihost_utils.reached_preemption_sync_point(step)
-            # Every host stops at the same step: one signalled host is enough.
-            local = bool(np.any(multihost_utils.process_allgather(np.array([local]))))
-        return local
+    def fetch(self, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
+        """[(step, {name: float})] for the pending steps <= `upto` (all by default), in order."""
+        ready = [(s, m) for s, m in self._pending if upto is None or s <= upto]
+        self._pending = self._pending[len(ready):]
+        if not ready:
+            return []
+        values = jax.device_get([m for _, m in ready])
+        return [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(ready, values)]
 
 
-# ----------------------------------------------------------------------------- checkpoint items
-
-
-def _opt_leaves(opt_state) -> dict:
-    # Saved as a flat {index: array} dict: orbax then needs no knowledge of optax's NamedTuples,
-    # and restoring into the current optimizer's tree checks the count and shapes.
-    return {str(i): x for i, x in enumerate(jax.tree.leaves(opt_state))}
-
-
-def save_train_state(mngr, step, state: TrainState, graphdef, meta: dict, data_state: dict) -> None:
-    items = {
-        "params": nnx.to_pure_dict(state.params),
-        "opt_state": _opt_leaves(state.opt_state),
-        "meta": {**meta, "step": int(step)},
-        "data_state": data_state,
-    }
-    mngr.save(step, args=ckpt_lib.save_args(items))
-
-
-def restore_train_state(mngr, step, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict, dict]:
-    """Restores into the *current* shardings (a different mesh or device count reshards)."""
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract.params), nnx.to_pure_dict(shardings.params),
-    )
-    opt_leaves, opt_def = jax.tree.flatten(abstract.opt_state)
-    opt_sh = jax.tree.leaves(shardings.opt_state)
-    abstract_opt = {str(i): jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for i, (a, s) in enumerate(zip(opt_leaves, opt_sh))}
-    restored = mngr.restore(
-        step, args=ckpt_lib.restore_args({"params": abstract_params, "opt_state": abstract_opt, "meta": None, "data_state": None})
-    )
-    params = jax.tree.map(lambda x: x, abstract.params)
-    nnx.replace_by_pure_dict(params, restored["params"])
-    opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))])
-    state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), params=params, opt_state=opt_state)
-    return state, restored["meta"], restored["data_state"]
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-class Evaluator:
-    """Dev/test STS scores (JAX backend) or, without STS data, held-out alignment/uniformity."""
-
-    def __init__(self, config: TrainConfig, graphdef, tokenizer, mesh, sts_dir: Path | None, heldout: Path | None):
-        self.config, self.graphdef, self.tokenizer, self.mesh = config, graphdef, tokenizer, mesh
-        self.sts_dir, self.heldout = sts_dir, heldout
-        self.pooler = eval_pooler_of(config)
-        self.dev_tasks = [sts.load_task(sts_dir, t, "dev") for t in DEV_TASKS] if sts_dir else []
-        self.encoder = None
-        self._heldout = None
-
-    def _encoder(self, params) -> SentenceEncoder:
-        model = nnx.merge(self.graphdef, params)
-        if self.encoder is None:
-            self.encoder = SentenceEncoder(model, self.tokenizer, pooler=self.pooler, mesh=self.mesh,
-                                           batch_size=self.config.eval_batch_size)
-        else:
-            self.encoder.set_model(model)
-        return self.encoder
-
-    def dev(self, params) -> dict[str, float]:
-        """{'eval/STSBenchmark': ..., 'eval/SICKRelatedness': ...} (Spearman x 100), or held-out stats."""
-        if self.dev_tasks:
-            res = sts.evaluate(self._encoder(params), self.dev_tasks, align_uniform=False)
-            return {f"eval/{k}": v for k, v in res["paper"].items() if k != "Avg."}
-        if self.heldout is not None:
-            return {f"eval/heldout_{k}": v for k, v in self.heldout_alignment_uniformity(params).items()}
-        return {}
-
-    def test(self, params) -> dict:
-        tasks = [sts.load_task(self.sts_dir, t, "test") for t in sts.TASKS]
-        return sts.evaluate(self._encoder(params), tasks)
-
-    def heldout_alignment_uniformity(self, params, max_sentences: int = 1024) -> dict[str, float]:
-        """Wang & Isola on held-out sentences: alignment between two dropout views of each
-        sentence (the unsupervised positives), uniformity of the evaluation embeddings."""
-        if self._heldout is None:  # tokenized, placed and compiled once per run
-            lines = [s for s in self.heldout.read_text(encoding="utf-8").splitlines() if s.strip()]
-            dp = data_parallel_size(self.mesh)
-            lines = lines[: (min(len(lines), max_sentences) // dp) * dp]
-            ids = self.tokenizer(lines, max_length=self.config.max_seq_length, truncation=True,
-                                 padding="max_length", return_tensors="np")
-            batch = {k: np.repeat(ids[k][:, None].astype(np.int32), 2, axis=1) for k in ("input_ids", "attention_mask")}
-            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-            cfg, graphdef = objective_config(self.config), self.graphdef
-            views = jax.jit(lambda p, b, k: embed_views(nnx.merge(graphdef, p), b, cfg, k))
-            self._heldout = (lines, jax.device_put(batch, batch_sharding(self.mesh, 3)), views)
-        lines, batch, views = self._heldout
-        with jax.set_mesh(self.mesh):
-            z = views(params, batch, jax.random.key(0))
-        z = np.asarray(z, np.float64)
-        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
-        e = self._encoder(params)(lines).astype(np.float64)
-        return {"alignment": float(((z[:, 0] - z[:, 1]) ** 2).sum(-1).mean()),
-                "uniformity": sts.uniformity(e / np.linalg.norm(e, axis=-1, keepdims=True))}
+def _is_finite(meas: dict[str, float]) -> bool:
+    return math.isfinite(meas["loss"]) and math.isfinite(meas["grad_norm"])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -276,9 +133,9 @@ class Evaluator:
 def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True, callback=None) -> dict:
     """Trains (or resumes) in `workdir`; returns the results dict also written to results.json.
 
-    `callback(event, step)`, if given, is called after every update (`"step"`) and after a
-    checkpoint save is issued (`"checkpoint"`): a hook for custom logging and for tests that
-    interrupt a run at a chosen point.
+    `callback(event, step)`, if given, is called after every update is dispatched (`"step"`)
+    and after a checkpoint save is issued (`"checkpoint"`): a hook for custom logging and for
+    tests that interrupt a run at a chosen point.
     """
     workdir = Path(workdir).expanduser().absolute()
     is_lead = jax.process_index() == 0
@@ -302,7 +159,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     )
     total_steps = config.max_steps if config.max_steps > 0 else int(math.ceil(config.num_epochs * data.batches_per_epoch))
 
-    # --- 3. model, optimizer, state: abstract first, then restore or import
+    # --- 3. model, optimizer, state: abstract first, then restore or import; compile the update
     overrides = {k: getattr(config, k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if getattr(config, k) is not None}
     enc_cfg = EncoderConfig.from_hf_dict(hf_config, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
     optimizer = make_optimizer(optim_config(config, total_steps))
@@ -313,14 +170,14 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                                 opt_state=jax.eval_shape(optimizer.init, abstract_params))
 
     ckpt_root = workdir / "checkpoints"
-    latest = _manager(ckpt_root / "latest", config.keep_checkpoints, config.async_checkpointing)
-    best = _manager(ckpt_root / "best", 1, False)
+    latest = ckpt_lib.manager(ckpt_root / "latest", max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+    best = ckpt_lib.manager(ckpt_root / "best", max_to_keep=1)
     meta = ckpt_lib.make_meta(abstract_model, hf_config=hf_config, pooler=config.pooler,
                               mlp_only_train=config.mlp_only_train, train_config=dataclasses.asdict(config))
     best_score, best_step = -math.inf, None
     start = latest.latest_step()
     if start is not None:
-        state, _, saved = restore_train_state(latest, start, abstract_state, shardings)
+        state, _, saved = ckpt_lib.restore_train_state(latest, start, abstract_state, shardings)
         data.restore(saved["iterator"])
         best_score, best_step = saved.get("best_score", -math.inf), saved.get("best_step")
         for stale in [s for s in best.all_steps() if s > start]:  # from a lost future of the run
@@ -333,20 +190,26 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         graphdef, state, shardings = init_train_state(loaded.model, optimizer, mesh)
         del loaded
         start, resumed = 0, f"started from {model_dir}"
-    if is_lead:  # each checkpoint folder is self-contained for `simcse-jax export` / `eval`
+    if is_lead:
         for folder in ("latest", "best"):
-            tokenizer_dir = ckpt_root / folder / ckpt_lib.TOKENIZER_SUBDIR
-            if not tokenizer_dir.is_dir():
-                tokenizer.save_pretrained(str(tokenizer_dir))
+            ckpt_lib.save_tokenizer(ckpt_root / folder, tokenizer)
+
     def build_step(compiler_options):
         return make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
                                optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
                                compiler_options=compiler_options)
 
-    step_options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and jax.devices()[0].platform == "cpu" else None
-    step_fn = build_step(step_options)
-    evaluator = Evaluator(config, graphdef, tokenizer, mesh, sts_dir, heldout)
     log = MetricsLog(workdir, enabled=is_lead, truncate_after=start)
+    # One executable serves the whole run: a batch of another shape is an error, not a silent
+    # recompilation.
+    step_options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and jax.devices()[0].platform == "cpu" else None
+    update, compile_info = compile_train_step(build_step, abstract_state, data.abstract_batch(), step_options)
+    if "compiler_options_fallback" in compile_info:
+        log.message(f"note: this jaxlib rejects the oneDNN options ({compile_info['compiler_options_fallback']}); "
+                    f"compiled without them (cpu_onednn=false)")
+    log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
+                f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
+    evaluator = TrainingEvaluator(config, graphdef, tokenizer, mesh, sts_dir, heldout)
     per_device = config.global_batch_size // data_parallel_size(mesh)
     log.message(
         f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.local_device_count()} on each of "
@@ -357,70 +220,80 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
 
     # --- 4. the loop
     base_key = jax.random.key(config.seed)
-    preemption = PreemptionFlag()
+    preemption = distributed.Preemption(config.preemption_check_steps)
     save_every = config.save_steps or config.eval_steps
     bar = log.progress(total_steps, start, config.global_batch_size) if progress else None
-    step, t_last, n_last = start, time.perf_counter(), start
-    status, compiled, results_extra = "completed", None, {}
+    pending = PendingMeasurements()
+    rates: list[float] = []
+    clock = {"time": time.perf_counter(), "step": start}
+    position = data.state()  # of the batches consumed so far: what a checkpoint records
+    meas_epoch: dict[int, float] = {}  # epoch progress at each log step, for its metrics line
+    status, step, log_due = "completed", start, None
+    batches = Prefetch(data, config.prefetch_batches)
     t_start = time.perf_counter()
-    try:
-        while step < total_steps:
-            batch = next(data)
-            key = jax.random.fold_in(base_key, step)
-            if compiled is None:
-                try:
-                    compiled, compile_info = compile_step(step_fn, state, batch, key)
-                except Exception as e:  # a jaxlib without these XLA-CPU options: compile without them
-                    if step_options is None:
-                        raise
-                    log.message(f"note: this jaxlib rejects the oneDNN options ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); compiling without them (cpu_onednn=false)")
-                    step_fn = build_step(None)
-                    compiled, compile_info = compile_step(step_fn, state, batch, key)
-                results_extra.update(compile_info)
-                log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
-                            f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
-            # The one executable serves the whole run: a batch of another shape is an error, not a
-            # silent recompilation.
-            state, meas = compiled(state, batch, key)
-            step += 1
-            meas = {k: float(v) for k, v in jax.device_get(meas).items()}
-            if not (math.isfinite(meas["loss"]) and math.isfinite(meas["grad_norm"])):
+
+    def consume(upto: int | None = None) -> None:
+        """Fetches pending measurements: stops on a non-finite step, logs the log steps."""
+        for s, meas in pending.fetch(upto):
+            if not _is_finite(meas):
                 if config.on_nonfinite == "stop":
                     good = latest.latest_step()
                     raise TrainingError(
-                        f"step {step}: non-finite loss {meas['loss']} / grad norm {meas['grad_norm']}; stopped "
+                        f"step {s}: non-finite loss {meas['loss']} / grad norm {meas['grad_norm']}; stopped "
                         f"without saving. The last good checkpoint is "
                         f"{'step ' + str(good) + ' in ' + str(ckpt_root / 'latest') if good is not None else 'none'}; "
                         f"lower learning_rate or set on_nonfinite=skip"
                     )
-                log.message(f"step {step}: non-finite loss; update skipped (on_nonfinite=skip)")
-            if step % config.log_every == 0 or step == total_steps:
+                log.message(f"step {s}: non-finite loss; update skipped (on_nonfinite=skip)")
+            if s % config.log_every == 0 or s == total_steps:
                 now = time.perf_counter()
-                rate = (step - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, step
-                log.write(step, {**meas, "steps_per_s": rate, "sentences_per_s": rate * config.global_batch_size,
-                                 "epoch": data.epoch + data.batch / data.batches_per_epoch})
+                rate = (s - clock["step"]) / max(now - clock["time"], 1e-9)
+                clock.update(time=now, step=s)
+                rates.append(rate * config.global_batch_size)
+                epoch = meas_epoch.pop(s, None)
+                log.write(s, {**meas, "steps_per_s": rate, "sentences_per_s": rate * config.global_batch_size,
+                              **({"epoch": epoch} if epoch is not None else {})})
+                if bar is not None:
+                    bar.show(meas)
+
+    try:
+        while step < total_steps:
+            batch, next_position = next(batches)
+            state, meas = update(state, batch, jax.random.fold_in(base_key, step))
+            step += 1
+            pending.add(step, meas)
+            position = next_position
+            if step % config.log_every == 0 or step == total_steps:
+                meas_epoch[step] = position["epoch"] + position["batch"] / data.batches_per_epoch
+            if log_due is not None:  # the previous log step's values: update `step` is queued behind them
+                consume(log_due)
+                log_due = None
             if bar is not None:
-                bar.update(meas)
+                bar.advance()
             if callback is not None:
                 callback("step", step)
-            if step % config.eval_steps == 0 or step == total_steps:
+            is_eval = step % config.eval_steps == 0 or step == total_steps
+            is_save = step % save_every == 0 or step == total_steps
+            stop = preemption.should_stop(step, saving=is_save)
+            if not (is_eval or is_save or stop):
+                if step % config.log_every == 0:
+                    log_due = step
+                continue
+            consume()  # before an evaluation or a save: every step so far is finite
+            if is_eval:
                 scores = evaluator.dev(state.params)
                 if scores:
                     log.write(step, scores)
                     score = scores.get(f"eval/{BEST_METRIC}")
                     if score is not None and score > best_score:
                         best_score, best_step = score, step
-                        best.save(step, args=ckpt_lib.save_args({"params": nnx.to_pure_dict(state.params),
-                                                                  "meta": {**meta, "step": step, "best_score": score}}))
+                        ckpt_lib.save_params(best, step, state.params, {**meta, "best_score": score})
                         best.wait_until_finished()
-                    log.message(_eval_line(step, scores, best_score, best_step))
-            stop = preemption.should_stop(step)
-            if step % save_every == 0 or step == total_steps or stop:
-                save_train_state(latest, step, state, graphdef, meta,
-                                 {"iterator": data.state(), "best_score": best_score, "best_step": best_step,
-                                  "rng": {"seed": config.seed, "dropout_key": "fold_in(key(seed), step)"}})
+                    log.message(eval_line(step, scores, best_score, best_step))
+            if is_save or stop:
+                ckpt_lib.save_train_state(latest, step, state, meta, {
+                    "iterator": position, "best_score": best_score, "best_step": best_step,
+                    "rng": {"seed": config.seed, "dropout_key": "fold_in(key(seed), step)"}})
                 if callback is not None:
                     callback("checkpoint", step)
             if stop and step < total_steps:
@@ -429,6 +302,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 log.message(f"preempted: saved step {step} in {ckpt_root / 'latest'}; rerun the same command to resume")
                 break
     finally:
+        batches.close()
         preemption.restore()
         if bar is not None:
             bar.close()
@@ -440,27 +314,22 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         return {"status": "preempted", "step": step}
 
     # --- 5. the end: best parameters -> STS test -> export -> results.json
+    pooler = eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler)
     results = {"status": status, "steps": step, "best_step": best_step, "best_dev_stsb": None if best_step is None else best_score,
-               "eval_pooler": eval_pooler_of(config), "workdir": str(workdir), "global_batch_size": config.global_batch_size,
+               "eval_pooler": pooler, "workdir": str(workdir), "global_batch_size": config.global_batch_size,
                "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh.shape),
-               "train_seconds": round(time.perf_counter() - t_start, 2), **results_extra}
-    throughput = [json.loads(x)["sentences_per_s"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
-                  if '"sentences_per_s"' in x][1:] if is_lead and (workdir / "metrics.jsonl").is_file() else []
-    if throughput:  # the first logged interval includes compilation
-        results["sentences_per_s"] = float(np.median(throughput))
+               "train_seconds": round(time.perf_counter() - t_start, 2), **compile_info}
+    if len(rates) > 1:  # the first logged interval includes the first dispatch's warm-up
+        results["sentences_per_s"] = float(np.median(rates[1:]))
     final_params = state.params
     if best_step is not None:
-        restored = best.restore(best_step, args=ckpt_lib.restore_args({"params": jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(shardings.params)), "meta": None}))
-        final_params = jax.tree.map(lambda x: x, abstract_params)
-        nnx.replace_by_pure_dict(final_params, restored["params"])
+        final_params = ckpt_lib.restore_params(best, best_step, abstract_params, shardings.params)
     scores = None
     if sts_dir is not None and config.do_test_eval:
         test = evaluator.test(final_params)
         results["sts_test"] = test
         scores = test["paper"]
-        log.message("STS test (Spearman x 100, " + evaluator.pooler + " pooler, step " + str(best_step or step) + "):\n"
+        log.message("STS test (Spearman x 100, " + pooler + " pooler, step " + str(best_step or step) + "):\n"
                     + sts.format_table(scores))
     elif sts_dir is None and heldout is not None:
         results["heldout"] = evaluator.heldout_alignment_uniformity(final_params)
@@ -473,10 +342,10 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         if is_lead:
             from simcse_jax.hf_export import export_model
 
-            export_model(nnx.merge(graphdef, replicated), tokenizer, export_dir, pooler=evaluator.pooler,
+            export_model(nnx.merge(graphdef, replicated), tokenizer, export_dir, pooler=pooler,
                          hf_config=hf_config, meta={**meta, "step": best_step or step}, scores=scores, overwrite=True)
             log.message(f"exported the {'best (step ' + str(best_step) + ')' if best_step else 'final'} model to {export_dir} "
-                        f"(transformers / sentence-transformers / simcse; pooler {evaluator.pooler})")
+                        f"(transformers / sentence-transformers / simcse; pooler {pooler})")
         results["export_dir"] = str(export_dir)
     if is_lead:
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
@@ -485,23 +354,6 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     latest.close()
     best.close()
     return results
-
-
-def compile_step(step_fn, state, batch, key):
-    """Compiles the update ahead of time: the executable, its compile time and peak memory."""
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, key).compile()
-    info = {"compile_seconds": round(time.perf_counter() - t0, 2)}
-    mem = compiled.memory_analysis()
-    if mem is not None:  # per device: arguments + outputs - donated aliases + temporaries
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-        info["step_peak_memory_mib"] = round(peak / 2**20, 1)
-    return compiled, info
-
-
-def _manager(path: Path, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(path, options=options)
 
 
 def _record_config(config: TrainConfig, workdir: Path, is_lead: bool) -> None:
@@ -519,13 +371,6 @@ def _record_config(config: TrainConfig, workdir: Path, is_lead: bool) -> None:
     tmp.replace(path)
 
 
-def _eval_line(step, scores, best_score, best_step) -> str:
-    parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" if "STS" in k or "SICK" in k else f"{k.split('/', 1)[1]} {v:.4f}"
-                      for k, v in scores.items())
-    best = f" (best {best_score:.2f} at step {best_step})" if best_step is not None else ""
-    return f"step {step} dev: {parts}{best}"
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -540,11 +385,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    maybe_initialize_distributed()
-    try:
-        config = load_config(args.config, args.overrides)
-        results = train(config, args.workdir, progress=not args.no_progress)
-    except (ConfigError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    distributed.initialize()
+    config = load_config(args.config, args.overrides)
+    results = train(config, args.workdir, progress=not args.no_progress)
     return 0 if results["status"] in ("completed", "preempted") else 1

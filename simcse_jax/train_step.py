@@ -17,19 +17,37 @@ distinct first-view pairs), `grad_norm` (the gradient given to the clipper, i.e.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from simcse_jax.grad_cache import grad_cache_value_and_grad
 from simcse_jax.objective import ObjectiveConfig, num_chunks_for, objective_fn
 from simcse_jax.optim import OptimConfig, global_norm, linear_schedule
 from simcse_jax.sharding import batch_sharding, data_parallel_size, param_shardings
+
+
+def _shared_fields(cls, config) -> dict[str, Any]:
+    """The fields of dataclass `cls` that `config` (a TrainConfig) also declares, by name."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+
+
+def objective_config(config) -> ObjectiveConfig:
+    """The objective of a TrainConfig (the fields both declare, under the same names)."""
+    return ObjectiveConfig(**_shared_fields(ObjectiveConfig, config))
+
+
+def optim_config(config, total_steps: int) -> OptimConfig:
+    """The optimiser of a TrainConfig for a run of `total_steps` updates."""
+    return OptimConfig(**{**_shared_fields(OptimConfig, config), "total_steps": total_steps})
 
 
 @struct.dataclass
@@ -159,3 +177,32 @@ def make_train_step(
         compiler_options=compiler_options,
     )
     return TrainStep(jitted, mesh)
+
+
+def compile_train_step(build, abstract_state: TrainState, abstract_batch: dict, compiler_options: dict | None = None):
+    """Compiles the update ahead of time from abstract arguments, before any batch exists.
+
+    `build(compiler_options) -> TrainStep`. Returns (executable, info) with the compile time, the
+    peak memory per device and the compiler options that took effect: a jaxlib that rejects
+    `compiler_options` (e.g. oneDNN flags it does not know) gets the step without them, and
+    `info["compiler_options_fallback"]` says why.
+    """
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        compiled = build(compiler_options).lower(abstract_state, abstract_batch, key).compile()
+    except Exception as e:  # noqa: BLE001 - any rejection of the options; retried without them below
+        if not compiler_options:
+            raise
+        info["compiler_options_fallback"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        compiler_options = None
+        t0 = time.perf_counter()
+        compiled = build(None).lower(abstract_state, abstract_batch, key).compile()
+    info["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    info["compiler_options"] = dict(compiler_options or {})
+    mem = compiled.memory_analysis()
+    if mem is not None:  # per device: arguments + outputs - donated aliases + temporaries
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+        info["step_peak_memory_mib"] = round(peak / 2**20, 1)
+    return compiled, info

@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import REAL_SENTENCES
+
 from simcse_jax import cli, sts
 from simcse_jax.evaluate import TorchEmbedder, jax_embedder
 
@@ -41,7 +41,7 @@ def test_eval_cli_jax_equals_torch(minilm_dir, sts_dir, tmp_path, capsys):
     assert j["tasks"]["STSBenchmark"]["score"] == pytest.approx(100 * j["tasks"]["STSBenchmark"]["subsets"]["dev"]["spearman"])
 
 
-def test_eval_of_a_checkpoint_uses_its_pooler(minilm_dir, sts_dir, tmp_path):
+def test_eval_of_a_checkpoint_uses_its_pooler(minilm_dir, sts_dir, tmp_path, capsys):
     from simcse_jax.hf_export import import_hf
 
     import_hf(minilm_dir, tmp_path / "ckpt", pooler="avg")
@@ -49,13 +49,14 @@ def test_eval_of_a_checkpoint_uses_its_pooler(minilm_dir, sts_dir, tmp_path):
                      "--limit", "20", "--output", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["pooler"] == "avg" and r["tasks"]["STS16"]["n"] == 100
-    with pytest.raises(SystemExit, match="torch backend reads a Hugging Face folder"):
-        cli.main(["eval", str(tmp_path / "ckpt"), "--sts-dir", str(sts_dir), "--backend", "torch", "--pooler", "avg"])
+    code = cli.main(["eval", str(tmp_path / "ckpt"), "--sts-dir", str(sts_dir), "--backend", "torch", "--pooler", "avg"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2 and last.startswith("error: eval: ") and "the torch backend reads a Hugging Face folder" in last
 
 
-def test_missing_sts_folder_is_named(minilm_dir, tmp_path):
-    with pytest.raises(SystemExit, match=f"STS data folder {tmp_path / 'STS12-en-test'} not found"):
-        cli.main(["eval", str(minilm_dir), "--sts-dir", str(tmp_path), "--pooler", "avg"])
+def test_missing_sts_folder_is_named(minilm_dir, tmp_path, capsys):
+    assert cli.main(["eval", str(minilm_dir), "--sts-dir", str(tmp_path), "--pooler", "avg"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: eval: STS data folder {tmp_path / 'STS12-en-test'} not found")
 
 
 def test_sts_dir_defaults_to_environment(monkeypatch, tmp_path):

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_SENTENCES
 from flax import nnx
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from conftest import REAL_SENTENCES
 from simcse_jax import checkpoint as ck
 from simcse_jax import cli
 from simcse_jax.encode import SentenceEncoder
@@ -78,7 +78,8 @@ def test_minilm_round_trip(minilm_dir, minilm_export, minilm_jax):
         assert f.metadata() == {"format": "pt"}
         keys = set(f.keys())
     assert not any("position_ids" in k for k in keys)
-    for name in ("tokenizer.json", "tokenizer_config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "README.md"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                 "README.md"):
         assert (out / name).is_file(), name
 
     exported, info = AutoModel.from_pretrained(str(out), output_loading_info=True)
@@ -145,9 +146,8 @@ def cls_model(small_tokenizer_dir):
 
 
 def test_cls_pooler_is_pooler_output_and_loads_everywhere(cls_model, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
     import simcse  # installed by the README test command: pip install --no-deps simcse (it pins numpy<1.20)
+    from sentence_transformers import SentenceTransformer
     model, tok = cls_model
     out = export_model(model, tok, tmp_path / "hf", pooler="cls", hf_config={"model_type": "bert"},
                        meta={"pooler": "cls", "mlp_only_train": False, "step": 100, "train_config": {"lr": 3e-5}},
@@ -172,9 +172,8 @@ def test_cls_pooler_is_pooler_output_and_loads_everywhere(cls_model, tmp_path):
 
 
 def test_mlp_only_train_exports_cls_before_pooler(cls_model, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
     import simcse  # installed by the README test command: pip install --no-deps simcse (it pins numpy<1.20)
+    from sentence_transformers import SentenceTransformer
     model, tok = cls_model
     ck.save_checkpoint(tmp_path / "ckpt", 5, model, hf_config={"model_type": "bert"}, pooler="cls",
                        mlp_only_train=True, tokenizer=tok)
@@ -214,6 +213,7 @@ def test_verification_catches_a_mismatch(cls_model, tmp_path):
         verify_export(out, other, tok, "cls")
 
 
-def test_export_of_a_non_checkpoint_is_a_clear_error(minilm_dir, tmp_path):
-    with pytest.raises(SystemExit, match=rf"export: {minilm_dir} is not a simcse-jax checkpoint.*simcse-jax import"):
-        cli.main(["export", str(minilm_dir), "--out", str(tmp_path / "x")])
+def test_export_of_a_non_checkpoint_is_a_clear_error(minilm_dir, tmp_path, capsys):
+    assert cli.main(["export", str(minilm_dir), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: export: {minilm_dir} is not a simcse-jax checkpoint") and "simcse-jax import" in err

@@ -97,7 +97,9 @@ def test_shape_mismatch_names_file_and_parameter(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 40
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: parameter encoder.layer.0.intermediate.dense.(weight|bias) has shape \(32(, 16)?,?\) but the architecture in .*config.json expects \(40(, 16)?,?\)"):
+    expected = (r"model.safetensors: parameter encoder.layer.0.intermediate.dense.(weight|bias) has shape \(32(, 16)?,?\) "
+                r"but the architecture in .*config.json expects \(40(, 16)?,?\)")
+    with pytest.raises(CheckpointError, match=expected):
         load_pretrained(tmp_path)
 
 
@@ -108,7 +110,9 @@ def test_missing_parameter_is_an_error(tmp_path):
     model.config.save_pretrained(tmp_path)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if "layer.1.output.dense" not in k}
     save_file(sd, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model.safetensors: missing parameters encoder.layer.1.output.dense.bias, encoder.layer.1.output.dense.weight \(2 in all\)"):
+    expected = (r"model.safetensors: missing parameters encoder.layer.1.output.dense.bias, "
+                r"encoder.layer.1.output.dense.weight \(2 in all\)")
+    with pytest.raises(CheckpointError, match=expected):
         load_pretrained(tmp_path)
 
 

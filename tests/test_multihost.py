@@ -39,7 +39,7 @@ def config(tiny_model_dir, train_samples_dir, tmp_path_factory) -> TrainConfig:
         data_cache_dir=str(tmp_path_factory.mktemp("data_cache")),
         pooler="cls", mlp_only_train=True, global_batch_size=16, learning_rate=1e-3, max_steps=STEPS,
         eval_steps=100, save_steps=100, log_every=1, sts_dir=None, do_export=False, do_test_eval=False, seed=3,
-        mesh_data=-1,
+        mesh_data=-1, preemption_check_steps=4,  # the hosts vote on a SIGTERM every 4 steps
     )
 
 

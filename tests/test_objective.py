@@ -73,7 +73,8 @@ def test_dropout_masks_do_not_depend_on_sharding():
     single = f(params, batch, jax.random.key(3))
     mesh = make_mesh({"data": 4, "tensor": 2})
     with jax.set_mesh(mesh):
-        sharded = f(jax.device_put(params, param_shardings(params, mesh)), jax.device_put(batch, batch_sharding(mesh, 3)), jax.random.key(3))
+        sharded = f(jax.device_put(params, param_shardings(params, mesh)), jax.device_put(batch, batch_sharding(mesh, 3)),
+                    jax.random.key(3))
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-6)
 
 
@@ -124,7 +125,7 @@ def test_sharded_objective_equals_single_device_on_meshes():
         b = jax.device_put(batch, batch_sharding(mesh, 3))
         with jax.set_mesh(mesh):
             (loss, meas), grads = grad_fn(p, b)
-            twin = jax.jit(lambda z: simcse_loss_shard_map(z[:, 0], z[:, 1], z[:, 2], mesh=mesh, hard_negative_weight=1.5))(
+            twin = jax.jit(lambda z, mesh=mesh: simcse_loss_shard_map(z[:, 0], z[:, 1], z[:, 2], mesh=mesh, hard_negative_weight=1.5))(
                 jax.device_put(z, batch_sharding(mesh, 3))
             )
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=str(axes))

@@ -122,25 +122,31 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tiny_model_dir, t
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         tiny_model_dir, train_samples_dir, data_cache, tmp_path):
+    """A NaN at step k is caught although measurements are fetched only every `log_every` (> k)
+    steps: the error names step k exactly and no state from step k or later is saved."""
     config = tiny_config(tiny_model_dir, train_samples_dir, data_cache, max_steps=12)
     train(config, tmp_path, progress=False, callback=sigterm_at(4))
+    shutil.copytree(tmp_path, tmp_path.parent / "skip_run")
     # Resume with an absurd learning rate: the parameters overflow and the loss becomes NaN.
     exploding = config.replace(learning_rate=1e30, max_grad_norm=0.0)
-    with pytest.raises(TrainingError, match=r"step (5|6|7): non-finite loss .* last good checkpoint is step 4 in"):
-        train(exploding, tmp_path, progress=False)
-    latest = tmp_path / "checkpoints" / "latest"
-    assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == 4
-    # on_nonfinite=skip: the bad updates are dropped inside the step and the run finishes.
-    result = train(exploding.replace(on_nonfinite="skip", max_steps=8), tmp_path, progress=False)
+    # on_nonfinite=skip, logging every step: the bad updates are dropped inside the step, the run
+    # finishes, and the log shows the first non-finite step k.
+    result = train(exploding.replace(on_nonfinite="skip"), tmp_path.parent / "skip_run", progress=False)
     assert result["status"] == "completed"
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path.parent / "skip_run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
     assert skipped and all(s > 4 for s in skipped)
+    first_bad = min(skipped)
+    # on_nonfinite=stop, measurements fetched only at log steps (every 50) and saves (every 2).
+    with pytest.raises(TrainingError, match=rf"step {first_bad}: non-finite loss .* last good checkpoint is step 4 in"):
+        train(exploding.replace(log_every=50), tmp_path, progress=False)
+    latest = tmp_path / "checkpoints" / "latest"
+    assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == 4
 
 
 def test_best_checkpoint_is_the_exported_model(tiny_model_dir, train_samples_dir, data_cache, sts_dir, tmp_path):
-    from simcse_jax.hf_io import load_pretrained
     from simcse_jax.checkpoint import load_checkpoint
+    from simcse_jax.hf_io import load_pretrained
 
     config = tiny_config(tiny_model_dir, train_samples_dir, data_cache, sts_dir=str(sts_dir), eval_steps=2,
                          max_steps=6, learning_rate=3e-3, do_export=True, do_test_eval=False)

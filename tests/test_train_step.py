@@ -80,7 +80,8 @@ def test_update_on_minilm_lowers_loss_and_compiles_once(minilm_dir):
     assert losses[1] < losses[0] and losses[2] < losses[1], losses
     np.testing.assert_allclose(lrs, [float(linear_schedule(optim)(s)) for s in range(3)], rtol=1e-6)
     assert int(state.step) == 3
-    expected_keys = {"loss", "simcse_loss", "accuracy", "alignment", "uniformity", "grad_norm", "update_norm", "param_norm", "learning_rate"}
+    expected_keys = {"loss", "simcse_loss", "accuracy", "alignment", "uniformity", "grad_norm", "update_norm", "param_norm",
+                     "learning_rate"}
     assert set(meas) == expected_keys
     assert 0.0 <= float(meas["accuracy"]) <= 1.0 and float(meas["loss"]) == float(meas["simcse_loss"])
     assert 0.0 < float(meas["alignment"]) < 4.0 and float(meas["uniformity"]) < 0.0
