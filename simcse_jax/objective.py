@@ -45,7 +45,7 @@ MLM_KEYS = ("mlm_input_ids", "mlm_labels")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """What is optimised. Defaults are the reference's (`simcse/models.py`, `train.py`)."""
+    """What is optimised. Defaults are the reference's (princeton-nlp/SimCSE: `simcse/models.py`, `train.py`)."""
 
     temperature: float = 0.05
     hard_negative_weight: float = 0.0  # added to the hard-negative logit; 0 = weight 1

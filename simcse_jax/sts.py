@@ -15,7 +15,7 @@ per subset Pearson and Spearman; over a task, "mean" (plain average over subsets
 (weighted by pair count) and "all" (one correlation over the pairs of all subsets pooled). The
 number in the paper's convention is Spearman x 100: "all" for STS12-16, the test (or dev) split
 for STS-B and SICK-R. The 7-number average is taken over the numbers rounded to 2 decimals, as
-SimCSE's `evaluation.py` prints them.
+SimCSE's `evaluation.py` (princeton-nlp/SimCSE) prints them.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def make_train_step(
     `batch` follows the contract in `objective.py` (rows sharded by `sharding.batch_sharding(mesh,
     3)`); `key` is this step's dropout key (the trainer passes fold_in(base_key, step)), None for
     a deterministic step. `grad_cache_chunk_size` smaller than the batch switches to gradient
-    caching. `compiler_options` go to `jax.jit` (e.g. oneDNN on CPU, see PERF_NOTES).
+    caching. `compiler_options` go to `jax.jit` (e.g. oneDNN on CPU, see TrainConfig.cpu_onednn).
     `skip_nonfinite`: a step whose loss or gradient norm is not finite leaves the parameters and
     optimizer state unchanged (the step counter still advances; `skipped` = 1 in measurements).
     """

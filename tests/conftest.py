@@ -51,11 +51,23 @@ def train_samples_dir():
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def copy_tokenizer(minilm_dir, folder):
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer_dir(tmp_path_factory, minilm_dir):
+    """MiniLM's (real) tokenizer files alone, for models built in the tests."""
+    return copy_tokenizer(minilm_dir, tmp_path_factory.mktemp("tokenizer"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_dir):
     """A 2-layer, 32-wide random BERT with MiniLM's (real) tokenizer: fast to compile and run."""
-    import shutil
-
     import torch
     import transformers
 
@@ -64,6 +76,4 @@ def tiny_model_dir(tmp_path_factory, minilm_dir):
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)
     transformers.BertModel(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_dir / name, path / name)
-    return path
+    return copy_tokenizer(minilm_dir, path)

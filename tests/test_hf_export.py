@@ -62,14 +62,6 @@ def minilm_jax(minilm_export):
     return ck.load_checkpoint(ckpt).model, load_tokenizer(ckpt / "tokenizer")
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer_dir(minilm_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    for f in TOKENIZER_FILES:
-        shutil.copy(minilm_dir / f, d / f)
-    return d
-
-
 def test_minilm_round_trip(minilm_dir, minilm_export, minilm_jax):
     ckpt, out = minilm_export
     cfg = json.loads((out / "config.json").read_text())
@@ -111,7 +103,7 @@ def test_minilm_sentence_transformers_avg(minilm_export, minilm_jax):
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_random_roberta_with_mlm_head(small_tokenizer_dir, tmp_path):
+def test_random_roberta_with_mlm_head(minilm_tokenizer_dir, tmp_path):
     """A random-init RobertaForMaskedLM: the MLM head is dropped, the encoder reproduced."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
@@ -121,7 +113,7 @@ def test_random_roberta_with_mlm_head(small_tokenizer_dir, tmp_path):
     src = tmp_path / "src"
     RobertaForMaskedLM(cfg).save_pretrained(src)
     for f in TOKENIZER_FILES:
-        shutil.copy(small_tokenizer_dir / f, src / f)
+        shutil.copy(minilm_tokenizer_dir / f, src / f)
     loaded = load_pretrained(src)
     assert loaded.model.config.with_mlm_head
     tok = load_tokenizer(src)
@@ -138,11 +130,11 @@ def test_random_roberta_with_mlm_head(small_tokenizer_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cls_model(small_tokenizer_dir):
+def cls_model(minilm_tokenizer_dir):
     """A small BERT 'trained' with the cls pooler: its pooler.dense is the SimCSE MLP (random here)."""
     cfg = EncoderConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
-    return Encoder(cfg, rngs=nnx.Rngs(11)), load_tokenizer(small_tokenizer_dir)
+    return Encoder(cfg, rngs=nnx.Rngs(11)), load_tokenizer(minilm_tokenizer_dir)
 
 
 def test_cls_pooler_is_pooler_output_and_loads_everywhere(cls_model, tmp_path):

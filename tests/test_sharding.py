@@ -3,12 +3,10 @@
 import jax
 import numpy as np
 import pytest
-import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.hf_io import load_pretrained
 from simcse_jax.poolers import pool
 from simcse_jax.sharding import (
     batch_sharding,
@@ -22,12 +20,11 @@ MESHES = [{"data": 8}, {"data": 4, "tensor": 2}, {"fsdp": 8}, {"data": 2, "fsdp"
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bert")
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=32)
-    transformers.BertModel(cfg).save_pretrained(path)
-    return load_pretrained(path).model
+def small_model():
+    """Random BERT weights (BERT's initialiser), built in JAX: sharding needs no PyTorch."""
+    cfg = EncoderConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32)
+    return Encoder(cfg, rngs=nnx.Rngs(0))
 
 
 def forward(model, ids, mask):
@@ -109,7 +106,8 @@ def test_golden_partition_specs_bert_base():
         got.setdefault(key, set()).add(spec.get_value())
     assert {k: v.pop() if len(v) == 1 else v for k, v in got.items()} == GOLDEN_BERT_BASE
     # The same parameter count as Hugging Face's BertForMaskedLM (tied decoder) plus BertModel's pooler.
-    import torch
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
 
     with torch.device("meta"):
         mlm = transformers.BertForMaskedLM(transformers.BertConfig())
