@@ -123,7 +123,7 @@ def _classify(url: str, e: Exception) -> PathError:
     if code == 403 or _first_line(e).startswith("Forbidden"):
         return PathError(f"{url}: access denied ({_first_line(e)}); grant the account storage access to the bucket")
     if isinstance(e, ImportError):
-        return PathError(f"{url}: reading gs:// needs gcsfs (`pip install gcsfs`; {_first_line(e)})")
+        return PathError(f"{url}: gs:// paths need gcsfs: pip install 'simcse-jax[gcs]' ({_first_line(e)})")
     if isinstance(e, OSError):  # aiohttp's connection errors are OSErrors too
         return PathError(f"{url}: storage request failed against {endpoint()} ({type(e).__name__}: {_first_line(e)})")
     return PathError(f"{url}: {type(e).__name__}: {_first_line(e)}")
