@@ -80,3 +80,107 @@ def test_missing_train_object_or_bucket_is_one_line_naming_the_url(gcs_bucket):
         with pytest.raises(DataError, match=f"^training data {url}: {what}") as info:
             load_tokenized(url, None, progress=False)
         assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- models, export, eval, encode
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Downloads of gs:// folders go to this test's cache, not ~/.cache."""
+    monkeypatch.setenv("SIMCSE_JAX_CACHE", str(tmp_path / "simcse_cache"))
+
+
+def _params(model):
+    import jax
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_model_and_tokenizer_from_a_bucket_folder(tiny_model_dir, gcs_bucket, tmp_path):
+    from simcse_jax.hf_io import CheckpointError, load_pretrained, load_tokenizer
+
+    url = f"{gcs_bucket}/models/tiny"
+    paths.upload_folder(tiny_model_dir, url)
+    got, want = load_pretrained(url), load_pretrained(tiny_model_dir)
+    assert str(tmp_path / "simcse_cache") in str(got.path)  # read from the local cache
+    for a, b in zip(_params(got.model), _params(want.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert load_pretrained(url).path == got.path  # the second load finds the cached copy
+    tok = load_tokenizer(url)
+    assert tok("a tiny test")["input_ids"] == load_tokenizer(tiny_model_dir)("a tiny test")["input_ids"]
+    with pytest.raises(CheckpointError, match=f"^model folder {gcs_bucket}/models/absent: no such object"):
+        load_pretrained(f"{gcs_bucket}/models/absent")
+
+
+@pytest.fixture
+def gcs_sts(sts_dir, gcs_bucket):
+    """STS-B (dev + test) in the bucket, SentEval layout."""
+    for name in ("sts-dev.csv", "sts-test.csv"):
+        _upload(sts_dir / "STSBenchmark" / name, f"{gcs_bucket}/sts/STSBenchmark/{name}")
+    return f"{gcs_bucket}/sts"
+
+
+def test_export_to_the_bucket_loads_in_transformers_and_evaluates_as_local(tiny_model_dir, sts_dir, gcs_sts, gcs_bucket,
+                                                                           tmp_path):
+    from simcse_jax import cli
+    from simcse_jax.hf_export import ExportError, export_model, verify_export
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer
+
+    loaded, tok = load_pretrained(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    url = f"{gcs_bucket}/run/export"
+    local = export_model(loaded.model, tok, tmp_path / "local_export", pooler="cls", hf_config=loaded.hf_config)
+    out = export_model(loaded.model, tok, url, pooler="cls", hf_config=loaded.hf_config)
+    assert str(out) == url
+    in_bucket = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    fetched = paths.local_copy(url, tmp_path / "fetched")
+    assert {p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()} == in_bucket
+    assert "README.md" in in_bucket and (fetched / "README.md").read_text() == (local / "README.md").read_text()
+    # The downloaded export, loaded by transformers, gives the JAX model's embeddings.
+    assert verify_export(fetched, loaded.model, tok, "cls") <= 1e-5
+    with pytest.raises(ExportError, match=f"^{url} is not empty"):
+        export_model(loaded.model, tok, url, pooler="cls", hf_config=loaded.hf_config, verify=False)
+
+    res = {}
+    for where, model in (("local", local), ("gcs", url)):
+        for backend in ("jax", "torch"):
+            result = tmp_path / f"{where}-{backend}.json"
+            assert cli.main(["eval", str(model), "--sts-dir", str(sts_dir) if where == "local" else gcs_sts,
+                             "--pooler", "cls", "--backend", backend, "--tasks", "STSBenchmark", "--split", "dev",
+                             "--limit", "60", "--output", str(result)]) == 0
+            res[where, backend] = json.loads(result.read_text())
+    for backend in ("jax", "torch"):
+        assert res["gcs", backend]["paper"] == res["local", backend]["paper"]
+        assert res["gcs", backend]["tasks"]["STSBenchmark"]["subsets"]["dev"]["n"] == 60
+    assert res["gcs", "jax"]["model"] == url and res["gcs", "jax"]["sts_dir"] == gcs_sts
+    gcs_out = f"{gcs_bucket}/run/eval.json"
+    assert cli.main(["eval", url, "--sts-dir", gcs_sts, "--pooler", "cls", "--tasks", "STSBenchmark", "--split", "dev",
+                     "--limit", "60", "--output", gcs_out]) == 0
+    assert json.loads(paths.as_path(gcs_out).read_text())["paper"] == res["gcs", "jax"]["paper"]
+
+
+def test_missing_sts_bucket_folder_is_named(tiny_model_dir, gcs_bucket):
+    from simcse_jax import cli
+
+    with pytest.raises(SystemExit, match=f"eval: STS data {gcs_bucket}/nosts: no such object"):
+        cli.main(["eval", str(tiny_model_dir), "--sts-dir", f"{gcs_bucket}/nosts", "--pooler", "cls"])
+
+
+def test_encode_cli_with_bucket_model_input_and_output(tiny_model_dir, gcs_bucket, tmp_path):
+    from simcse_jax import cli
+
+    src = tmp_path / "sentences.txt"
+    src.write_text("A man plays a guitar.\nTwo dogs run.\nStocks fell sharply.\n")
+    common = ["--pooler", "avg", "--batch-size", "4", "--mesh", "data=8"]
+    assert cli.main(["encode", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(tmp_path / "e.npy"),
+                     *common]) == 0
+    paths.upload_folder(tiny_model_dir, f"{gcs_bucket}/m")
+    _upload(src, f"{gcs_bucket}/in/sentences.txt")
+    assert cli.main(["encode", "--model", f"{gcs_bucket}/m", "--input", f"{gcs_bucket}/in/sentences.txt",
+                     "--output", f"{gcs_bucket}/out/e.npy", *common]) == 0
+    back = paths.local_copy(f"{gcs_bucket}/out/e.npy", tmp_path / "back")
+    np.testing.assert_array_equal(np.load(back), np.load(tmp_path / "e.npy"))
+    with pytest.raises(SystemExit, match=f"encode: {gcs_bucket}/in/absent.txt: no such object"):
+        cli.main(["encode", "--model", f"{gcs_bucket}/m", "--input", f"{gcs_bucket}/in/absent.txt",
+                  "--output", str(tmp_path / "x.npy")])
