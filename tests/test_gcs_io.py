@@ -184,3 +184,64 @@ def test_encode_cli_with_bucket_model_input_and_output(tiny_model_dir, gcs_bucke
     with pytest.raises(SystemExit, match=f"encode: {gcs_bucket}/in/absent.txt: no such object"):
         cli.main(["encode", "--model", f"{gcs_bucket}/m", "--input", f"{gcs_bucket}/in/absent.txt",
                   "--output", str(tmp_path / "x.npy")])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _events(folder) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every TFRecord event file under `folder` (the record framing read by hand)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for f in sorted(folder.rglob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack_from("<Q", data, pos)
+            event = Event.FromString(data[pos + 12: pos + 12 + n])  # length, its crc, payload, payload crc
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_metrics_log_keeps_every_line_across_flushes_and_resume(gcs_bucket, tmp_path):
+    from simcse_jax.metrics_log import MetricsLog
+
+    workdir = f"{gcs_bucket}/runs/r1"
+    log = MetricsLog(workdir, flush_every_s=3600)
+    for step in range(1, 4):
+        log.write(step, {"loss": 1.0 / step})
+        log.flush()
+        got = [json.loads(x)["step"] for x in paths.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+        assert got == list(range(1, step + 1))  # all lines, not just the last (no append on gs://)
+    log.write(4, {"loss": 0.25})  # not flushed yet: the bucket still has 3 lines
+    assert len(paths.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()) == 3
+    log.close()
+    lines = [json.loads(x) for x in paths.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[-1]["loss"] == 0.25
+    events = _events(paths.local_copy(f"{workdir}/tensorboard", tmp_path / "tb"))
+    assert events["train/loss"] == [(s, pytest.approx(1.0 / s)) for s in range(1, 5)]
+
+    resumed = MetricsLog(workdir, truncate_after=2, flush_every_s=0)  # flush at every write
+    assert [r["step"] for r in resumed.records] == [1, 2]
+    resumed.write(3, {"loss": 0.5})
+    assert [json.loads(x)["step"] for x in paths.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    resumed.close()
+    # The resumed run's events are a second file beside the first: nothing was overwritten.
+    assert len(list(paths.as_path(f"{workdir}/tensorboard").iterdir())) == 2
+
+
+def test_metrics_log_local_is_unchanged(tmp_path):
+    from simcse_jax.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for step in range(1, 4):
+        log.write(step, {"loss": float(step)})
+        assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == step  # appended at once
+    log.close()
+    assert _events(tmp_path / "tensorboard")["train/loss"] == [(s, float(s)) for s in range(1, 4)]
+    assert [r["step"] for r in MetricsLog(tmp_path, truncate_after=2, enabled=True).records] == [1, 2]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
