@@ -232,6 +232,18 @@ def _listing(url: str) -> tuple[str, dict[str, dict]]:
     return "folder", objects
 
 
+def list_files(path) -> list[str]:
+    """Relative names of every file under a folder or prefix, sorted (gs:// has no `rglob`)."""
+    text = os.fspath(path)
+    if not is_remote(text):
+        root = as_path(text)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    kind, objects = _listing(text)
+    if kind == "file":
+        raise PathError(f"{text}: is a file, not a folder")
+    return sorted(objects)
+
+
 def local_copy(url, cache_root=None) -> Path:
     """The local file or folder for `url`: the path itself when local, else a cached download.
 

@@ -245,3 +245,36 @@ def test_metrics_log_local_is_unchanged(tmp_path):
     assert _events(tmp_path / "tensorboard")["train/loss"] == [(s, float(s)) for s in range(1, 4)]
     assert [r["step"] for r in MetricsLog(tmp_path, truncate_after=2, enabled=True).records] == [1, 2]
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- orbax on gs:// (what resume relies on)
+
+
+def test_orbax_on_gcs_ignores_a_step_without_its_commit_file(gcs_bucket):
+    """On gs:// orbax writes a step in place and marks it complete with commit_success.txt last;
+    a step folder without it (a save killed midway) is not listed, not restorable, and a later
+    save of that step replaces it. The trainer's resume relies on exactly this."""
+    import orbax.checkpoint as ocp
+
+    url = f"{gcs_bucket}/run/checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=True)
+    like = {"a": np.zeros(1000, np.float32)}
+    with ocp.CheckpointManager(paths.as_path(url), options=options) as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.full(1000, step, np.float32)}))
+        mngr.wait_until_finished()
+    assert paths.as_path(f"{url}/2/commit_success.txt").is_file()
+    # A half-written step 3: every object of a complete step except its commit file.
+    for obj in paths.list_files(f"{url}/2"):
+        if not obj.endswith("commit_success.txt"):
+            paths.as_path(f"{url}/3/{obj}").write_bytes(paths.as_path(f"{url}/2/{obj}").read_bytes())
+    assert paths.as_path(f"{url}/3/_CHECKPOINT_METADATA").is_file()  # the uncommitted step is really there
+    with ocp.CheckpointManager(paths.as_path(url), options=options) as mngr:
+        assert mngr.all_steps() == [1, 2] and mngr.latest_step() == 2
+        with pytest.raises(ValueError, match="incomplete checkpoint"):
+            mngr.restore(3, args=ocp.args.StandardRestore(like))
+        mngr.save(3, args=ocp.args.StandardSave({"a": np.full(1000, 30, np.float32)}))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1, 2, 3]
+        np.testing.assert_array_equal(mngr.restore(3, args=ocp.args.StandardRestore(like))["a"], 30)
+

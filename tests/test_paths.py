@@ -75,6 +75,7 @@ def test_upload_folder_round_trip(tmp_path, gcs_bucket):
     (src / "config.json").write_text("{}")
     (src / "2_Dense" / "model.safetensors").write_bytes(b"\x00" * 1000)
     written = paths.upload_folder(src, f"{gcs_bucket}/out/hf")
+    assert paths.list_files(f"{gcs_bucket}/out/hf") == paths.list_files(src) == ["2_Dense/model.safetensors", "config.json"]
     assert sorted(written) == [f"{gcs_bucket}/out/hf/2_Dense/model.safetensors", f"{gcs_bucket}/out/hf/config.json"]
     back = paths.local_copy(f"{gcs_bucket}/out/hf", tmp_path / "cache")
     assert (back / "2_Dense" / "model.safetensors").read_bytes() == b"\x00" * 1000
