@@ -20,6 +20,7 @@ fake-gcs-server on 127.0.0.1; see tests/gcs_server.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -78,12 +79,16 @@ def _probe_endpoint(url: str) -> None:
     """One TCP connect, so an unreachable endpoint fails in seconds, not after gcsfs's ~30 s of retries."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
         return  # the direct connect would not say what the proxied client will see
-    ep = urllib.parse.urlsplit(endpoint())
-    port = ep.port or (443 if ep.scheme == "https" else 80)
     try:
-        socket.create_connection((ep.hostname, port), timeout=10).close()
+        _connect(endpoint())
     except OSError as e:
         raise PathError(f"{url}: cannot reach the storage endpoint {endpoint()} ({e.strerror or e})") from None
+
+
+@functools.lru_cache(maxsize=8)  # once per endpoint and process; a failure is not cached (it raises)
+def _connect(url: str) -> None:
+    ep = urllib.parse.urlsplit(url)
+    socket.create_connection((ep.hostname, ep.port or (443 if ep.scheme == "https" else 80)), timeout=10).close()
 
 
 def _first_line(e: BaseException) -> str:
