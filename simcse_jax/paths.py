@@ -149,7 +149,7 @@ def _bucket_exists(url: str) -> bool:
 def check_readable(url, *, kind: str | None = None) -> dict:
     """Raises PathError unless `url` is an object (`kind="file"`), a non-empty prefix ("folder"), or either.
 
-    Returns the object's metadata (gcsfs `info`). Local paths are checked with `os.path` too.
+    Returns the object's metadata (gcsfs `info`). A local path gets the same checks on the file system.
     """
     text = os.fspath(url)
     if not is_remote(text):
@@ -177,9 +177,13 @@ def check_bucket(url) -> None:
     if not is_remote(text):
         return
     _probe_endpoint(text)
+    bucket = urllib.parse.urlsplit(text).netloc
     with _translated(text):
-        if not _bucket_exists(text):
-            raise PathError(f"{text}: bucket {urllib.parse.urlsplit(text).netloc} does not exist")
+        fs, _ = _fs(text)
+        try:
+            fs.info(bucket)  # gcsfs: GET /b/<bucket>
+        except FileNotFoundError:
+            raise PathError(f"{text}: bucket {bucket} does not exist") from None
 
 
 def fingerprint(path) -> dict:

@@ -129,6 +129,8 @@ def test_missing_credentials(gcs_server, monkeypatch, tmp_path, fresh_gcs_client
     with pytest.raises(PathError, match=r"^gs://b/x.txt: no usable Google Cloud credentials \(") as info:
         paths.check_readable("gs://b/x.txt")
     assert "\n" not in str(info.value)
+    with pytest.raises(PathError, match=r"^gs://b/run: no usable Google Cloud credentials \("):
+        paths.check_bucket("gs://b/run")
 
 
 def test_local_errors(tmp_path):
