@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simcse_jax import paths
 from simcse_jax.data_readers import DataError, RawExamples, file_fingerprint, read_examples
 from simcse_jax.masking import mask_tokens
 
@@ -248,11 +249,12 @@ def load_tokenized(
 ) -> TokenizedDataset:
     """Reads and tokenizes `source`, or memory-maps the cached result of an identical earlier run.
 
-    The cache key covers the file (path, size, mtime; a HF dataset's fingerprint), the whole
-    tokenizer definition, `max_seq_length` and the reader version. Warnings from the first read
+    The cache key covers the file (path, size, mtime; a gs:// object's generation and md5; a HF
+    dataset's fingerprint), the whole tokenizer definition, `max_seq_length` and the reader
+    version. The cache is on this host's disk even for a gs:// source. Warnings from the first read
     (skipped lines, filled fields) are shown again when the cache is reused.
     """
-    path = Path(source).expanduser()
+    path = paths.as_path(source)  # gs:// too: the cache below stays on this host's disk
     raw = None
     fingerprint = file_fingerprint(path)  # a file needs no read: check the cache before parsing
     if fingerprint is None:

@@ -9,6 +9,10 @@ columns by *position*:
 - any Hugging Face dataset (a `save_to_disk` folder, a local .json/.jsonl/.parquet file, or a hub
   name when online): same rule on its `column_names`.
 
+Any of these may be a gs:// URL (simcse_jax/paths.py): a .txt/.csv/.tsv object is read whole from
+the bucket by every host (no shared disk needed) and identified by its generation and md5 instead
+of an mtime; a remote dataset folder or data file is first copied to the host's local cache.
+
 Missing fields (`None`, or empty / whitespace-only text) become `" "` exactly as the reference's
 `prepare_features` does, with a warning that counts them. We parse the files ourselves (Python's
 `csv` module, strict UTF-8) rather than through `datasets`, so every error can name the file and
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simcse_jax import paths
 from simcse_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,8 +85,10 @@ KINDS = {1: "unsup", 2: "pairs", 3: "triples"}
 
 def read_examples(source: str | os.PathLike, *, hf_split: str = "train") -> RawExamples:
     """Reads `.txt`, `.csv`/`.tsv`, or a Hugging Face dataset (local or, online, a hub name)."""
-    text = str(source)
-    path = Path(text).expanduser()
+    text = os.fspath(source)
+    path = paths.as_path(text)
+    if paths.is_remote(text):
+        _check_remote(text)
     if path.is_dir():
         return read_hf_dataset(text, split=hf_split)
     suffix = path.suffix.lower()
@@ -106,14 +113,24 @@ def _looks_like_hub_name(text: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None and not text.startswith(".")
 
 
-def file_fingerprint(path: Path) -> dict | None:
-    """Identity of a .txt/.csv/.tsv file from its metadata (no read); None for other sources."""
+def _check_remote(url: str) -> None:
+    """A missing bucket or object, no credentials, an unreachable endpoint: one line naming the URL."""
+    try:
+        paths.check_readable(url)
+    except paths.PathError as e:
+        raise DataError(f"training data {e}") from None
+
+
+def file_fingerprint(path) -> dict | None:
+    """Identity of a .txt/.csv/.tsv file from its metadata (no read); None for other sources.
+
+    Local: resolved path, size, mtime. gs://: URL, size, generation, md5 (paths.fingerprint).
+    """
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".csv", ".tsv") or not path.is_file():
         return None
     fmt = {"format": "txt"} if suffix == ".txt" else {"format": "csv", "delimiter": _delimiter(path)}
-    st = path.stat()
-    return {"reader": READER_VERSION, **fmt, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"reader": READER_VERSION, **fmt, **paths.fingerprint(path)}
 
 
 def _delimiter(path: Path) -> str:
@@ -252,7 +269,8 @@ def read_hf_dataset(name: str, *, split: str = "train") -> RawExamples:
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"reading {name} needs the `datasets` package") from e
 
-    path = Path(name).expanduser()
+    # A remote dataset folder or data file is read from a local copy (datasets memory-maps Arrow files).
+    path = paths.local_copy(name) if paths.is_remote(name) else Path(name).expanduser()
     try:
         if path.is_dir() and (
             (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()

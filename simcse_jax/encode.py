@@ -167,12 +167,17 @@ def parse_mesh_arg(text: str) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
     from pathlib import Path
 
+    from simcse_jax import paths
     from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir
     from simcse_jax.sharding import make_mesh, shard_model
 
-    in_path = Path(args.input)
+    # A gs:// input is read from a local copy; a gs:// output is written locally, then uploaded.
+    in_path = paths.local_copy(args.input) if paths.is_remote(args.input) else Path(args.input)
+    if paths.is_remote(args.output):
+        paths.check_bucket(args.output)
     if not in_path.is_file():
         raise UsageError(f"--input {in_path}: no such file")
     try:
@@ -190,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, normalize=args.normalize,
     )
     emb = encoder(lines, progress=True)
-    np.save(args.output, emb)
+    if paths.is_remote(args.output):
+        with tempfile.TemporaryDirectory(prefix="simcse_encode_") as tmp:
+            np.save(Path(tmp) / "emb.npy", emb)
+            paths.upload_file(Path(tmp) / "emb.npy", args.output)
+    else:
+        np.save(args.output, emb)
     print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} float32 ({args.pooler} pooler, model {loaded.path})", file=sys.stderr)
     return 0

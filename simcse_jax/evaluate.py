@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from simcse_jax import sts
+from simcse_jax import paths, sts
 from simcse_jax.config import POOLERS, TrainConfig, check_pooler, eval_pooler
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import EncoderConfig
@@ -112,7 +112,24 @@ def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_l
 
 
 def load_tasks(sts_dir, tasks: Sequence[str], split: str, *, all_splits: bool = False, limit: int | None = None):
+    sts_dir = sts.local_sts_dir(sts_dir)  # a gs:// folder: fetched (or found in the cache) once, not per task
     return [sts.load_task(sts_dir, t, split, all_splits=all_splits, limit=limit) for t in tasks]
+
+
+def local_model_dir(model_path):
+    """A gs:// Hugging Face folder -> its local cached copy (both backends read local files);
+    anything else unchanged (a gs:// checkpoint is read by orbax where it is)."""
+    if not paths.is_remote(model_path):
+        return model_path
+    from simcse_jax.hf_io import CheckpointError, resolve_model_dir
+
+    try:
+        paths.check_readable(model_path, kind="folder")
+    except paths.PathError as e:
+        raise CheckpointError(f"model {e}") from None
+    if (paths.as_path(model_path) / "config.json").is_file():
+        return resolve_model_dir(model_path)
+    return model_path
 
 
 def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: str = "test", backend: str = "jax",
@@ -122,15 +139,16 @@ def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: 
     tasks = list(tasks or (sts.TASKS if split == "test" else sts.DEV_TASKS))
     loaded_tasks = load_tasks(sts_dir, tasks, split, all_splits=all_splits, limit=limit)  # data errors first
     t0 = time.perf_counter()
+    model_dir = local_model_dir(model_path)
     if backend == "jax":
-        embed, pooler = jax_embedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length, mesh_axes=mesh_axes)
+        embed, pooler = jax_embedder(model_dir, pooler=pooler, batch_size=batch_size, max_length=max_length, mesh_axes=mesh_axes)
     elif backend == "torch":
         if pooler is None:
             raise UsageError("the torch backend needs --pooler")
-        if not (Path(model_path) / "config.json").is_file():
+        if not (paths.as_path(model_dir) / "config.json").is_file():
             raise UsageError(f"{model_path}: the torch backend reads a Hugging Face folder (config.json); "
                              "export a checkpoint first with `simcse-jax export`")
-        embed = TorchEmbedder(model_path, pooler=pooler, batch_size=batch_size, max_length=max_length)
+        embed = TorchEmbedder(model_dir, pooler=pooler, batch_size=batch_size, max_length=max_length)
     else:
         raise UsageError(f"backend must be jax or torch, not {backend!r}")
     res = sts.evaluate(embed, loaded_tasks)
@@ -228,7 +246,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sts_dir = Path(args.sts_dir).expanduser() if args.sts_dir else sts.default_sts_dir()
+    sts_dir = paths.as_path(args.sts_dir) if args.sts_dir else sts.default_sts_dir()
     res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
                    pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,
                    all_splits=args.all_splits)
@@ -238,6 +256,6 @@ def run(args: argparse.Namespace) -> int:
         au = res["align_uniform"]
         print(f"STS-B alignment {au['alignment']:.4f}  uniformity {au['uniformity']:.4f}")
     if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+        paths.write_text_atomic(args.output, json.dumps(res, indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from simcse_jax import paths
 from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder
 from simcse_jax.errors import ExportError
@@ -151,15 +154,37 @@ def _model_card(model: Encoder, pooler: str, meta: Mapping[str, Any], scores: Ma
     return "\n".join(lines)
 
 
+STALE_FOLDERS = ("1_Pooling", "2_Dense")  # modules of an earlier export that would be loaded
+STALE_FILES = ("modules.json", "sentence_bert_config.json", "README.md")
+
+
+def _prepare_remote_out(url: str, overwrite: bool) -> None:
+    """As `_prepare_out` for a gs:// prefix (which "exists" exactly while objects lie under it)."""
+    try:
+        paths.check_bucket(url)
+        out = paths.as_path(url)
+        if out.is_file():
+            raise ExportError(f"{url} exists and is an object, not a folder")
+        if out.exists():
+            if not overwrite:
+                raise ExportError(f"{url} is not empty; choose another folder or pass --overwrite")
+            for sub in STALE_FOLDERS:
+                paths.remove(f"{url}/{sub}", recursive=True)
+            for f in STALE_FILES:
+                paths.remove(f"{url}/{f}")
+    except paths.PathError as e:
+        raise ExportError(str(e)) from None
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"{out} is not empty; choose another folder or pass --overwrite")
-        for sub in ("1_Pooling", "2_Dense"):  # stale modules of an earlier export would be loaded
+        for sub in STALE_FOLDERS:
             shutil.rmtree(out / sub, ignore_errors=True)
-        for f in ("modules.json", "sentence_bert_config.json", "README.md"):
+        for f in STALE_FILES:
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -180,10 +205,23 @@ def export_model(
 
     `pooler` is the evaluation pooler the sentence-transformers files and model card describe;
     `meta` (checkpoint meta) feeds the model card; `scores` = {task: number} for the card.
+    A gs:// `out_dir` is written to a local temporary folder, verified there, then uploaded: a
+    folder that fails verification never reaches the bucket. Returns the folder (an epath for gs://).
     """
     from safetensors.numpy import save_file
 
     check_pooler(pooler, "export pooler")
+    if paths.is_remote(out_dir):
+        url = os.fspath(out_dir).rstrip("/")
+        _prepare_remote_out(url, overwrite)
+        with tempfile.TemporaryDirectory(prefix="simcse_export_") as tmp:
+            local = export_model(model, tokenizer, Path(tmp) / "hf", pooler=pooler, hf_config=hf_config, meta=meta,
+                                 scores=scores, verify=verify)
+            try:
+                paths.upload_folder(local, url)
+            except paths.PathError as e:
+                raise ExportError(str(e)) from None
+        return paths.as_path(url)
     out = Path(out_dir).expanduser()
     _prepare_out(out, overwrite)
     meta = dict(meta or {})
@@ -257,7 +295,7 @@ def import_hf(hf_dir, out_dir, *, pooler: str = "cls", mlp_only_train: bool = Fa
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> Hugging Face folder (+ sentence-transformers files)")
     p.add_argument("checkpoint", help="simcse-jax checkpoint directory")
-    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--out", required=True, help="output folder or gs:// prefix (must be empty unless --overwrite)")
     p.add_argument("--pooler", default=None, choices=POOLERS, help="evaluation pooler (default: the trained one; "
                    "cls with mlp_only_train -> cls_before_pooler)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -278,7 +316,7 @@ def add_parser(subparsers) -> None:
 def run_export(args: argparse.Namespace) -> int:
     scores = None
     if args.scores:
-        scores = json.loads(Path(args.scores).read_text()).get("paper")
+        scores = json.loads(paths.as_path(args.scores).read_text()).get("paper")
     out = export_checkpoint(args.checkpoint, args.out, pooler=args.pooler, step=args.step, scores=scores,
                             overwrite=args.overwrite, verify=not args.no_verify)
     print(f"wrote {out}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from simcse_jax import paths
 from simcse_jax.encoder import SUPPORTED_MODEL_TYPES, Encoder, EncoderConfig
 from simcse_jax.errors import CheckpointError
 
@@ -49,10 +50,17 @@ class LoadedEncoder:
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a Hugging Face Hub id, downloaded through huggingface_hub.
+    """A local folder as is; a gs:// folder copied to the local cache (once per object version);
+    otherwise a Hugging Face Hub id, downloaded through huggingface_hub.
 
     Offline (no network, or HF_HUB_OFFLINE=1) the error says what to pass instead.
     """
+    if paths.is_remote(name_or_path):
+        try:
+            paths.check_readable(name_or_path, kind="folder")
+            return paths.local_copy(name_or_path)
+        except paths.PathError as e:
+            raise CheckpointError(f"model folder {e}") from None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from simcse_jax import paths
 from simcse_jax.errors import StsDataError
 
 STS_YEARS = {
@@ -169,8 +170,22 @@ def load_split_task(sts_dir: Path, task: str, split: str = "test", *, all_splits
     return StsTask(task, subsets, split)
 
 
+def local_sts_dir(sts_dir) -> Path:
+    """`sts_dir` itself, or for gs:// its copy in the local cache (downloaded once per object version)."""
+    if not paths.is_remote(sts_dir):
+        return Path(sts_dir).expanduser()
+    try:
+        paths.check_readable(sts_dir, kind="folder")
+        return paths.local_copy(sts_dir)
+    except paths.PathError as e:
+        raise StsDataError(f"STS data {e}") from None
+
+
 def load_task(sts_dir, task: str, split: str = "test", *, all_splits: bool = False, limit: int | None = None) -> StsTask:
-    """One task by its SentEval name. `limit` keeps the first n pairs of each subset (smoke tests)."""
+    """One task by its SentEval name. `limit` keeps the first n pairs of each subset (smoke tests).
+
+    `sts_dir` may be a gs:// folder (read from a local copy)."""
+    sts_dir = local_sts_dir(sts_dir)
     if task in STS_YEARS:
         if split != "test":
             raise StsDataError(f"{task} has only a test set; with --split dev evaluate {' / '.join(DEV_TASKS)}")

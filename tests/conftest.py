@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The loopback GCS server's fixtures (gcs_server, gcs_bucket); importing the module also sets the two
+# variables gcsfs/fsspec read at import, so it comes before anything that may import them.
+pytest_plugins = ["gcs_server"]
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
