@@ -2,13 +2,15 @@
 # Train simcse-jax on a Cloud TPU VM slice (single host or pod), one process per TPU VM worker.
 #
 # Needs: the gcloud CLI, authenticated (`gcloud auth login`), with a project set
-#   (`gcloud config set project P` or PROJECT=...), TPU quota in ZONE, and a directory that
-#   every worker sees at the same path for WORKDIR (Filestore/NFS or a gcsfuse mount): the trainer
-#   writes checkpoints with local-file APIs, so gs:// URLs are not accepted as WORKDIR.
+#   (`gcloud config set project P` or PROJECT=...), TPU quota in ZONE, and a WORKDIR every worker
+#   reaches: a gs://BUCKET/runs/NAME URL (the usual choice on a pod, which has no shared disk; the
+#   TPU VM's service account needs read/write access to the bucket), or a directory every worker
+#   sees at the same path (Filestore/NFS). With gs://, each worker keeps its tokenized-data cache
+#   and downloaded folders on its own disk ($SIMCSE_JAX_CACHE, default ~/.cache/simcse_jax).
 #
 # Run (from anywhere; parameters are environment variables, defaults below):
-#   WORKDIR=/mnt/shared/runs/unsup-bert-base ACCELERATOR_TYPE=v4-32 ZONE=us-central2-b \
-#     launch/tpu_pod.sh
+#   WORKDIR=gs://BUCKET/runs/unsup-bert-base ACCELERATOR_TYPE=v4-32 ZONE=us-central2-b \
+#     EXTRA_ARGS="--set train_file=gs://BUCKET/data/wiki1m_for_simcse.txt" launch/tpu_pod.sh
 #   CODE_SOURCE=git REPO_URL=https://github.com/ORG/simcse-jax GIT_REF=main ... launch/tpu_pod.sh
 #   STEPS=setup,train launch/tpu_pod.sh      # skip create/copy (the VM and code are already there)
 #
@@ -45,8 +47,7 @@ DRY_RUN="${DRY_RUN:-0}"                         # 1: print the gcloud commands a
 die() { echo "tpu_pod.sh: $*" >&2; exit 1; }
 has_step() { [[ ",${STEPS}," == *",$1,"* ]]; }
 
-[[ -n "${WORKDIR}" ]] || die "set WORKDIR to a directory every worker shares (e.g. /mnt/shared/runs/NAME)"
-[[ "${WORKDIR}" != gs://* ]] || die "WORKDIR=${WORKDIR}: the trainer needs a file-system path; mount the bucket (gcsfuse) or use Filestore"
+[[ -n "${WORKDIR}" ]] || die "set WORKDIR (gs://BUCKET/runs/NAME, or a directory every worker shares)"
 [[ "${CODE_SOURCE}" == copy || "${CODE_SOURCE}" == git ]] || die "CODE_SOURCE must be copy or git, got ${CODE_SOURCE}"
 [[ "${CODE_SOURCE}" != git || -n "${REPO_URL}" ]] || die "CODE_SOURCE=git needs REPO_URL"
 [[ "${DRY_RUN}" == 1 ]] || command -v gcloud >/dev/null || die "the gcloud CLI is not installed (https://cloud.google.com/sdk/docs/install)"
@@ -119,7 +120,7 @@ set -euo pipefail
 python3 -m pip install --quiet --user --upgrade uv
 ~/.local/bin/uv venv --quiet --allow-existing --python $(printf '%q' "${PYTHON_VERSION}") ~/$(printf '%q' "${VENV}")
 ~/.local/bin/uv pip install --quiet --python ~/$(printf '%q' "${VENV}")/bin/python \
-  -e ~/$(printf '%q' "${REMOTE_DIR}") $(printf '%q' "${JAX_SPEC}")
+  -e ~/$(printf '%q' "${REMOTE_DIR}")'[gcs]' $(printf '%q' "${JAX_SPEC}")
 EOF
   if [[ -n "${DATA_URL}" ]]; then
     on_all_workers <<EOF

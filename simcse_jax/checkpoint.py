@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from simcse_jax import paths
 from simcse_jax.config import eval_pooler
 from simcse_jax.encoder import Encoder, EncoderConfig
 from simcse_jax.errors import CheckpointError
@@ -113,8 +114,13 @@ def _is_array(v) -> bool:
 
 
 def manager(directory, *, max_to_keep: int | None = None, async_save: bool = False, create: bool = True) -> ocp.CheckpointManager:
-    """The one CheckpointManager factory: `max_to_keep` newest steps (None: all), async saves."""
-    directory = Path(directory).expanduser().absolute()
+    """The one CheckpointManager factory: `max_to_keep` newest steps (None: all), async saves.
+
+    A gs:// folder works as a local one: orbax writes each step in place there and marks it
+    complete with `commit_success.txt`; a step without it is invisible to `all_steps()` and
+    `latest_step()`, so a resume never loads a half-written step.
+    """
+    directory = _dir(directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(directory, options=opts)
 
@@ -189,10 +195,26 @@ def _params_state(abstract_params: nnx.State, pure: dict) -> nnx.State:
     return params
 
 
+def _dir(directory):
+    """A local checkpoint folder made absolute; a gs:// one as its epath (orbax reads both)."""
+    d = paths.as_path(directory)
+    return d if paths.is_remote(d) else d.expanduser().absolute()
+
+
 def save_tokenizer(directory, tokenizer) -> None:
-    """The tokenizer files beside the steps (once): each checkpoint folder is self-contained."""
-    folder = Path(directory) / TOKENIZER_SUBDIR
-    if not folder.is_dir():
+    """The tokenizer files beside the steps (once): each checkpoint folder is self-contained.
+
+    On gs:// they are written locally, then uploaded (`save_pretrained` needs a disk)."""
+    import tempfile
+
+    folder = paths.as_path(directory) / TOKENIZER_SUBDIR
+    if paths.is_remote(folder):
+        if (folder / "tokenizer_config.json").is_file():
+            return
+        with tempfile.TemporaryDirectory(prefix="simcse_tokenizer_") as tmp:
+            tokenizer.save_pretrained(tmp)
+            paths.upload_folder(tmp, folder)
+    elif not folder.is_dir():
         tokenizer.save_pretrained(str(folder))
 
 
@@ -226,16 +248,21 @@ def save_checkpoint(
         mngr.close()
     if tokenizer is not None:
         save_tokenizer(directory, tokenizer)
-    return Path(directory)
+    return paths.as_path(directory)
 
 
 def is_checkpoint_dir(directory) -> bool:
-    d = Path(directory)
+    d = paths.as_path(directory)
     return d.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in d.iterdir())
 
 
 def _check_dir(directory) -> Path:
-    d = Path(directory).expanduser()
+    if paths.is_remote(directory):
+        try:
+            paths.check_readable(directory, kind="folder")
+        except paths.PathError as e:
+            raise CheckpointError(f"checkpoint directory {e}") from None
+    d = _dir(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     if not is_checkpoint_dir(d):
@@ -244,7 +271,7 @@ def _check_dir(directory) -> Path:
             f"{d} is not a simcse-jax checkpoint: expected step folders <step>/params and <step>/meta "
             f"written by orbax{hint}"
         )
-    return d.absolute()
+    return d
 
 
 def _pick_step(mngr: ocp.CheckpointManager, d: Path, step: int | None) -> int:

@@ -19,6 +19,7 @@ import types
 import typing
 from pathlib import Path
 
+from simcse_jax import paths
 from simcse_jax.errors import ConfigError
 
 # The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
@@ -173,14 +174,26 @@ def load_config(spec: str, overrides: list[str] = ()) -> TrainConfig:
 
 
 def resolve_sts_dir(config: TrainConfig) -> Path | None:
-    """--set sts_dir, else $SIMCSE_STS_DIR, else ./data/sts; None when no such folder exists."""
+    """--set sts_dir, else $SIMCSE_STS_DIR, else ./data/sts; None when no such folder exists.
+
+    A gs:// folder is checked and copied to this host's cache once (`sts.local_sts_dir`); the
+    local copy is returned, so every evaluation of the run reads local files.
+    """
     for candidate in (config.sts_dir, os.environ.get("SIMCSE_STS_DIR"), "data/sts"):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if path.is_dir():
-                return path
-            if candidate == config.sts_dir:
-                raise ConfigError(f"sts_dir: {path} is not a folder")
+        if not candidate:
+            continue
+        if paths.is_remote(candidate):
+            from simcse_jax.sts import StsDataError, local_sts_dir
+
+            try:
+                return local_sts_dir(candidate)
+            except StsDataError as e:
+                raise ConfigError(f"sts_dir: {e}") from None
+        path = Path(candidate).expanduser()
+        if path.is_dir():
+            return path
+        if candidate == config.sts_dir:
+            raise ConfigError(f"sts_dir: {path} is not a folder")
     return None
 
 
@@ -248,7 +261,12 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
                 "grad_cache_chunk_size",
                 f"must divide global_batch_size {c.global_batch_size} and be a multiple of the data-parallel size {data_parallel}",
             )
-    if check_files:
+    if check_files and paths.is_remote(c.train_file):
+        try:  # a missing bucket or object, no credentials, an unreachable endpoint: one line naming the URL
+            paths.check_readable(c.train_file)
+        except paths.PathError as e:
+            raise ConfigError(f"train_file: {e}") from None
+    elif check_files:
         looks_local = c.train_file.endswith((".txt", ".csv", ".tsv", ".json", ".jsonl")) or os.sep in c.train_file
         if looks_local and not Path(c.train_file).expanduser().exists():
             bad("train_file", "no such file")

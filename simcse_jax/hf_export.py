@@ -277,11 +277,13 @@ def import_hf(hf_dir, out_dir, *, pooler: str = "cls", mlp_only_train: bool = Fa
     from simcse_jax.hf_io import load_pretrained, load_tokenizer
 
     check_pooler(pooler, "import pooler")
-    out = Path(out_dir).expanduser()
+    out = paths.as_path(out_dir)  # a gs:// prefix too: orbax writes there, the tokenizer is uploaded
+    if not paths.is_remote(out):
+        out = out.expanduser()
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} is not empty; choose another folder or pass --overwrite")
     if overwrite and out.is_dir():
-        shutil.rmtree(out)
+        paths.remove(out, recursive=True)
     loaded = load_pretrained(hf_dir)
     tokenizer = load_tokenizer(loaded.path)
     save_checkpoint(out, 0, loaded.model, hf_config=loaded.hf_config, pooler=pooler, mlp_only_train=mlp_only_train,

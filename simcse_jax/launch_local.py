@@ -84,10 +84,14 @@ def launch(
     pids_file: str | os.PathLike | None = None,
     out=None,
     program: list[str] | None = None,
+    isolate: str | os.PathLike | None = None,
 ) -> int:
     """Runs `python -m simcse_jax.cli <command>` as `num_processes` coordinated processes.
 
     `program` replaces `python -m simcse_jax.cli` (the children's environment is the same).
+    `isolate=DIR` gives child i its own HOME, cache (`SIMCSE_JAX_CACHE`) and working directory
+    under DIR/p<i>, as hosts of a pod that share no disk: with a gs:// workdir nothing local is
+    shared between them.
 
     Returns 0 when every child exits 0; else the first non-zero status (signals as 128 + k);
     124 when `timeout` seconds pass first.
@@ -103,8 +107,14 @@ def launch(
     procs: list[subprocess.Popen] = []
     for i in range(num_processes):
         env = child_env(dict(os.environ), process_id=i, num_processes=num_processes, devices=devices_per_process, port=port)
+        cwd = None
+        if isolate is not None:
+            cwd = Path(isolate).absolute() / f"p{i}"
+            cwd.mkdir(parents=True, exist_ok=True)
+            env.update(HOME=str(cwd), SIMCSE_JAX_CACHE=str(cwd / "cache"))
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
         # Own session: a terminal's Ctrl-C reaches the children once, through the forwarding below.
-        procs.append(subprocess.Popen([*program, *command], env=env,
+        procs.append(subprocess.Popen([*program, *command], env=env, cwd=cwd,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
     pumps = [threading.Thread(target=_pump, args=(f"[p{i}]", p.stdout, out, lock), daemon=True) for i, p in enumerate(procs)]
     for t in pumps:
@@ -182,6 +192,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
     p.add_argument("--timeout", type=float, default=None, help="kill everything after this many seconds (exit 124)")
     p.add_argument("--pids-file", default=None, help="write {'p0': pid, ...} here once the processes have started")
+    p.add_argument("--isolate", default=None, metavar="DIR",
+                   help="give each process its own HOME, cache and working directory under DIR/p<i> (hosts sharing no disk)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the simcse-jax subcommand and its arguments")
     p.set_defaults(func=run)
 
@@ -191,4 +203,4 @@ def run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                  port=args.port, timeout=args.timeout, pids_file=args.pids_file)
+                  port=args.port, timeout=args.timeout, pids_file=args.pids_file, isolate=args.isolate)

@@ -48,8 +48,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
-from simcse_jax import distributed, sts
-from simcse_jax.config import TrainConfig, eval_pooler, load_config, resolve_sts_dir, validate
+from simcse_jax import distributed, paths, sts
+from simcse_jax.config import ConfigError, TrainConfig, eval_pooler, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, EncoderConfig
@@ -84,7 +84,9 @@ def resolve_model(name: str) -> Path:
 def resolve_train_file(config: TrainConfig, workdir: Path) -> tuple[str, Path | None]:
     """(train_file for the data pipeline, held-out text file or None)."""
     if config.train_file.startswith(BUILTIN_PREFIX):
-        train, heldout = write_builtin_corpus(config.train_file[len(BUILTIN_PREFIX):], workdir / "corpus")
+        # Written where this host can read it: a gs:// workdir is no place for a per-host scratch file.
+        root = paths.default_cache_root().parent / "corpus" if paths.is_remote(workdir) else workdir / "corpus"
+        train, heldout = write_builtin_corpus(config.train_file[len(BUILTIN_PREFIX):], root)
         return str(train), heldout
     return config.train_file, None
 
@@ -137,13 +139,20 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     and after a checkpoint save is issued (`"checkpoint"`): a hook for custom logging and for
     tests that interrupt a run at a chosen point.
     """
-    workdir = Path(workdir).expanduser().absolute()
+    remote = paths.is_remote(workdir)  # gs://: no shared disk; every host reads and writes the bucket
+    workdir = paths.as_path(workdir) if remote else Path(workdir).expanduser().absolute()
     is_lead = jax.process_index() == 0
 
     # --- 1. validate before compiling anything; record the config
     validate(config, num_devices=jax.device_count())
     sts_dir = resolve_sts_dir(config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if remote:
+        try:  # up front: orbax would only fail at the first save, after compiling
+            paths.check_bucket(workdir)
+        except paths.PathError as e:
+            raise ConfigError(f"workdir: {e}") from None
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
     _record_config(config, workdir, is_lead)
 
     # --- 2. mesh, tokenizer, data
@@ -155,7 +164,8 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     data = make_data_iterator(
         train_file, tokenizer, config.global_batch_size, max_seq_length=config.max_seq_length, seed=config.seed,
         mesh=mesh, mlm_probability=config.mlm_probability if config.do_mlm else None,
-        cache_dir=config.data_cache_dir or workdir / "data_cache", progress=progress and is_lead, shuffle=config.shuffle,
+        cache_dir=config.data_cache_dir or (None if remote else workdir / "data_cache"),  # None: this host's cache
+        progress=progress and is_lead, shuffle=config.shuffle,
     )
     total_steps = config.max_steps if config.max_steps > 0 else int(math.ceil(config.num_epochs * data.batches_per_epoch))
 
@@ -294,6 +304,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 ckpt_lib.save_train_state(latest, step, state, meta, {
                     "iterator": position, "best_score": best_score, "best_step": best_step,
                     "rng": {"seed": config.seed, "dropout_key": "fold_in(key(seed), step)"}})
+                log.flush()  # gs://: metrics.jsonl and TensorBoard events reach the bucket with each checkpoint
                 if callback is not None:
                     callback("checkpoint", step)
             if stop and step < total_steps:
@@ -348,7 +359,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                         f"(transformers / sentence-transformers / simcse; pooler {pooler})")
         results["export_dir"] = str(export_dir)
     if is_lead:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        paths.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
         log.message(f"wrote {workdir / 'results.json'}")
     log.close()
     latest.close()
@@ -366,9 +377,7 @@ def _record_config(config: TrainConfig, workdir: Path, is_lead: bool) -> None:
         changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
         if changed:
             print(f"note: config differs from the one recorded in {path}: {changed}", file=sys.stderr)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(now, indent=2) + "\n")
-    tmp.replace(path)
+    paths.write_text_atomic(path, json.dumps(now, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -106,6 +106,14 @@ def test_tpu_pod_dry_run_runs_the_trainer_on_every_worker():
     assert (REPO / "configs" / "unsup_simcse.py").is_file()
 
 
+def test_tpu_pod_takes_a_gs_workdir():
+    res = run_script("tpu_pod.sh", {"DRY_RUN": "1", "WORKDIR": "gs://bucket/runs/r1", "TPU_NAME": "pod-a"})
+    assert res.returncode == 0, res.stderr
+    scripts = worker_scripts(res.stdout)
+    assert "'[gcs]'" in scripts[1]  # gcsfs on every worker
+    assert re.search(r"simcse-jax train --config \S+\s+--workdir gs://bucket/runs/r1", scripts[-1])
+
+
 def test_tpu_pod_worker_scripts_parse_and_lint():
     res = run_script("tpu_pod.sh", {"DRY_RUN": "1", "WORKDIR": "/mnt/shared/x", "CODE_SOURCE": "git", "REPO_URL": "https://example.org/r.git"})
     assert res.returncode == 0, res.stderr
@@ -123,7 +131,6 @@ def test_tpu_pod_worker_scripts_parse_and_lint():
     "env, message",
     [
         ({}, "set WORKDIR"),
-        ({"WORKDIR": "gs://bucket/run"}, "file-system path"),
         ({"WORKDIR": "/x", "CODE_SOURCE": "git"}, "REPO_URL"),
         ({"WORKDIR": "/x", "CODE_SOURCE": "rsync"}, "CODE_SOURCE"),
     ],
