@@ -25,6 +25,7 @@ into their final shardings when a mesh is given.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import time
@@ -278,8 +279,13 @@ def _os_error(e: BaseException) -> str | None:
         if isinstance(seen, OSError) and seen.errno:
             return f"[Errno {seen.errno}] {seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
         seen = seen.__cause__ or seen.__context__
-    text = root_cause(e)
-    return text if ("errno" in text.lower() or "space" in text.lower()) else None
+    # tensorstore: 'Failed writing: "<file>": Failed to write N bytes ...: No space left on device [os_error_code='28']'
+    text = root_cause(e, limit=10_000)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code is None:
+        return None
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}" + (f": {file.group(1)}" if file else "")
 
 
 def _previous_complete(mngr) -> int | None:

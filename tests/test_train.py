@@ -409,3 +409,45 @@ def test_second_sigint_aborts_at_once_and_the_last_checkpoint_loads(tiny_model_d
             f"{last} in {workdir / 'checkpoints' / 'latest'}; rerun the same command to resume from it.") in err, err[-3000:]
     assert "Traceback" not in err
     assert load_checkpoint(workdir / "checkpoints" / "latest", last).step == last
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """mount(size_bytes) -> a folder on a tmpfs of that size (unmounted afterwards); skips where
+    this machine does not allow mounting one."""
+    mounted = []
+
+    def mount(folder: Path, size_bytes: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount permission): {res.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_disk_full_during_async_save_stops_naming_the_folder_and_the_earlier_step_resumes(
+        tiny_model_dir, train_samples_dir, data_cache, uninterrupted_dir, uninterrupted, tmp_path, small_filesystem):
+    from simcse_jax.errors import CheckpointWriteError
+
+    step_bytes = sum(p.stat().st_size for p in (uninterrupted_dir / "checkpoints" / "latest" / "6").rglob("*") if p.is_file())
+    workdir = tmp_path / "run"
+    latest = small_filesystem(workdir / "checkpoints" / "latest", int(1.5 * step_bytes))  # one step fits, two do not
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)  # async saves at steps 2, 4, 6
+    with pytest.raises(CheckpointWriteError, match=rf"^{latest}: writing a checkpoint failed \(.*No space left on device.*\); "
+                                                   r"the run stopped. The last complete step is 2; free space") as stopped:
+        train(config, workdir, progress=False)
+    print(f"disk full: {stopped.value}")
+    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2]
+    # The earlier step is intact: the run resumes from it (here on a disk with room) and repeats
+    # the uninterrupted run's losses.
+    roomy = tmp_path / "copied"
+    shutil.copytree(workdir, roomy)
+    assert train(config, roomy, progress=False)["status"] == "completed"
+    losses = step_losses(roomy)
+    for step in range(1, 7):
+        assert abs(losses[step] - uninterrupted[step]) <= 1e-5, step
