@@ -200,9 +200,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         best_score, best_step = saved.get("best_score", -math.inf), saved.get("best_step")
         for stale in [s for s in best.all_steps() if s > start]:  # from a lost future of the run
             best.delete(stale)
-        if config.resume_step is not None:  # the steps after it are a future this run replaces
-            for later in [s for s in latest.all_steps() if s > start]:
-                latest.delete(later)
+        later = [s for s in latest.all_steps() if s > start]
+        if later:  # only with resume_step: a future of the run that this one replaces
+            if is_lead:
+                print(f"resume_step={start}: deleting the later step(s) {', '.join(map(str, later))} of {ckpt_root / 'latest'}",
+                      file=sys.stderr, flush=True)
+            for s in later:
+                latest.delete(s)
         fallback = f"; newer step(s) {', '.join(str(d.step) for d in damaged)} damaged" if damaged else ""
         resumed = f"resumed from step {start} ({ckpt_root / 'latest' / str(start)}{fallback})"
     else:
@@ -444,7 +448,8 @@ def run(args: argparse.Namespace) -> int:
         results = train(config, args.workdir, progress=not args.no_progress)
         done = True
     except KeyboardInterrupt:
-        print(f"error: train: interrupted twice: stopped at once without saving. {last_checkpoint_note(latest_dir)}",
+        # A second Ctrl-C in the loop (distributed.Preemption), or the first before the loop began.
+        print(f"error: train: interrupted: stopped at once without saving. {last_checkpoint_note(latest_dir)}",
               file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports an interrupted command
     finally:

@@ -372,6 +372,7 @@ def test_damaged_newest_step_falls_back_to_the_previous_and_none_readable_is_an_
     assert f"resume_step={steps[0]} does not read back completely" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_second_sigint_aborts_at_once_and_the_last_checkpoint_loads(tiny_model_dir, train_samples_dir, data_cache, tmp_path):
     from simcse_jax.checkpoint import load_checkpoint
 
@@ -405,7 +406,7 @@ def test_second_sigint_aborts_at_once_and_the_last_checkpoint_loads(tiny_model_d
     assert proc.returncode == 130, err[-3000:]
     assert stopped_s < 20, stopped_s  # no save, no end-of-run work
     last = max(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit())
-    assert (f"error: train: interrupted twice: stopped at once without saving. The last complete checkpoint is step "
+    assert (f"error: train: interrupted: stopped at once without saving. The last complete checkpoint is step "
             f"{last} in {workdir / 'checkpoints' / 'latest'}; rerun the same command to resume from it.") in err, err[-3000:]
     assert "Traceback" not in err
     assert load_checkpoint(workdir / "checkpoints" / "latest", last).step == last
