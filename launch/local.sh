@@ -11,6 +11,8 @@
 #   NUM_PROCESSES=4 DEVICES_PER_PROCESS=2 WORKDIR=runs/mh CONFIG=configs/demo_cpu.py:wiki launch/local.sh
 #   EXTRA_ARGS="--set max_steps=10 --set global_batch_size=32" WORKDIR=runs/mh launch/local.sh
 #   kill -TERM <launcher pid>     # every process saves the same step; rerun the same command to resume
+#   kill -KILL <a child's pid>    # a lost host: the others stop within host_heartbeat_timeout_s (--set ...),
+#                                 # saying which process was lost and the last complete checkpoint step
 #   DRY_RUN=1 WORKDIR=/tmp/x bash launch/local.sh        # print the command only
 #
 # This is `simcse-jax launch-local` (simcse_jax/launch_local.py) with the trainer as its command;
@@ -25,6 +27,7 @@ NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 PORT="${PORT:-0}"                                      # coordinator port on 127.0.0.1; 0 = a free one
 TIMEOUT="${TIMEOUT:-}"                                 # seconds; empty = no limit
+GRACE="${GRACE:-}"                                     # after a child fails, seconds the others may take to stop; empty = 150
 EXTRA_ARGS="${EXTRA_ARGS:-}"                           # extra trainer flags, e.g. "--set learning_rate=1e-5"
 DRY_RUN="${DRY_RUN:-0}"
 
@@ -38,6 +41,7 @@ die() { echo "local.sh: $*" >&2; exit 1; }
 read -r -a extra <<< "${EXTRA_ARGS}"
 launcher=(--num-processes "${NUM_PROCESSES}" --devices-per-process "${DEVICES_PER_PROCESS}" --port "${PORT}")
 [[ -z "${TIMEOUT}" ]] || launcher+=(--timeout "${TIMEOUT}")
+[[ -z "${GRACE}" ]] || launcher+=(--grace "${GRACE}")
 cmd=("${VENV}/bin/python" -m simcse_jax.cli launch-local "${launcher[@]}" --
      train --config "${CONFIG}" --workdir "${WORKDIR}" --no-progress "${extra[@]}")
 

@@ -4,7 +4,9 @@ An orbax `CheckpointManager` directory of named items per step. `manager` is the
 (retention, async saves); `restore` is the one routine that reads items into given shardings
 (the current mesh, whatever mesh wrote them), used by the trainer's resume
 (`restore_train_state`), its best-model restore (`restore_params`) and `load_checkpoint`
-(export, eval).
+(export, eval). `restore_newest` is the trainer's resume: the newest step that reads back
+completely, reporting (and moving aside) the damaged ones; a save that fails (a full disk)
+raises `CheckpointWriteError` naming the folder and the OS error.
 
 Layout of `<dir>/`:
 - `<step>/params`: the encoder's parameters, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`;
@@ -23,7 +25,10 @@ into their final shardings when a mesh is given.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +41,12 @@ from jax.sharding import Mesh
 from simcse_jax import paths
 from simcse_jax.config import eval_pooler
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.errors import CheckpointError
+from simcse_jax.errors import CheckpointError, CheckpointWriteError
 
 TOKENIZER_SUBDIR = "tokenizer"
 JSON_ITEMS = frozenset({"meta", "data_state"})
 META_KEYS = ("hf_config", "encoder_config", "pooler", "mlp_only_train", "step")
+DAMAGED_SUBDIR = "damaged"  # beside latest/ and best/: damaged steps are moved here, never deleted
 
 
 @dataclasses.dataclass
@@ -139,7 +145,167 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str,
     try:
         return dict(mngr.restore(step, args=restore_args(abstract_items)))
     except Exception as e:  # orbax/tensorstore raise many types; the user needs the folder
-        raise CheckpointError(f"{Path(mngr.directory) / str(step)}: cannot restore ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{paths.as_path(mngr.directory) / str(step)}: cannot restore ({root_cause(e)})") from e
+
+
+def root_cause(e: BaseException, limit: int = 400) -> str:
+    """The innermost error's message, on one line: tensorstore's names the file and the byte range,
+    the wrappers above it repeat a page of spec."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@dataclasses.dataclass
+class DamagedStep:
+    step: int
+    reason: str  # names the file (or item folder) and what is wrong with it
+    moved_to: Path | None = None
+
+
+def restore_newest(
+    mngr: ocp.CheckpointManager,
+    read: Callable[[int], Any],
+    *,
+    step: int | None = None,
+    agree: Callable[[bool], bool] = lambda ok: ok,
+    is_lead: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> tuple[int | None, Any, list[DamagedStep]]:
+    """(step, read(step), damaged steps) for the newest step that `read` reads back completely.
+
+    `read(step)` restores every item of a step (raising CheckpointError when one cannot be
+    read: a missing or truncated array file, unreadable metadata). Newer steps that fail are
+    damaged: the lead moves them to `<dir>/../damaged/<step>-<time>` (kept for inspection, and out
+    of the way of the steps the resumed run saves again). `step` asks for one step explicitly (no
+    fallback). (None, None, []) when the folder holds no step: a fresh start. Nothing readable
+    over existing steps is a CheckpointError, never a silent start from scratch.
+
+    Multi-host: `agree(ok)` must return True on every host only when it is True on all (each
+    host reads its own shards, so one host can fail alone); `barrier()` waits for every host
+    after the lead moved the damaged steps.
+    """
+    directory = paths.as_path(mngr.directory)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{directory}: no step {step} to resume from (resume_step); available: {sorted(steps)}")
+        steps = [step]
+    damaged: list[DamagedStep] = []
+    for s in steps:
+        try:
+            value, error = read(s), None
+        except CheckpointError as e:
+            value, error = None, e
+        if agree(error is None):
+            _quarantine(mngr, damaged, is_lead, barrier)
+            return s, value, damaged
+        damaged.append(DamagedStep(s, _damage(error) if error is not None else "unreadable on another host"))
+    if not steps:
+        return None, None, []
+    listed = "; ".join(f"step {d.step}: {d.reason}" for d in damaged)
+    if step is not None:
+        raise CheckpointError(f"{directory / str(step)}: resume_step={step} does not read back completely ({listed})")
+    raise CheckpointError(
+        f"{directory}: no checkpoint step reads back completely ({listed}); not starting over from the pretrained "
+        f"model over an existing run: repair or move {directory} away, or train in a new --workdir"
+    )
+
+
+def _damage(error: CheckpointError) -> str:
+    """What is wrong, naming the file: tensorstore names the database folder and the byte range of
+    a truncated value but not the data file, so the file of that (too small) size is looked up."""
+    text = root_cause(error)
+    m = re.search(r'OCDBT database at local file "([^"]+)".*not valid for value of size (\d+)', text)
+    if m:
+        folder, size = Path(m.group(1)), int(m.group(2))
+        short = [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size == size]
+        if len(short) == 1:
+            text = f"{short[0]}: truncated to {size} bytes ({text})"
+    return text
+
+
+def _quarantine(mngr, damaged: list[DamagedStep], is_lead: bool, barrier) -> None:
+    if not damaged:
+        return
+    directory = paths.as_path(mngr.directory)
+    target = directory.parent / DAMAGED_SUBDIR
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for d in damaged:
+        d.moved_to = target / f"{directory.name}-{d.step}-{stamp}"
+        if is_lead:
+            paths.move(directory / str(d.step), d.moved_to)
+    barrier()
+    mngr.reload()
+
+
+def complete_steps(directory) -> list[int]:
+    """The steps of a manager folder that orbax finished, without opening them; [] when there is
+    no folder. Locally orbax renames a step folder to its number only once every host's part is
+    written; on gs:// it writes in place and marks a finished step with `commit_success.txt`."""
+    if paths.is_remote(directory):
+        try:
+            files = paths.list_files(directory)
+        except paths.PathError:
+            return []
+        return sorted(int(f.split("/")[0]) for f in files if f.count("/") == 1 and f.endswith("/commit_success.txt")
+                      and f.split("/")[0].isdigit())
+    d = Path(directory)
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def finish_saves(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the in-flight async save; a failed one raises CheckpointWriteError."""
+    with _writing(mngr, mngr.latest_step()):
+        mngr.wait_until_finished()
+
+
+class _writing:
+    """Turns a failed (async) save into CheckpointWriteError naming the folder and the OS error.
+
+    orbax reports an async save's failure at the next save or wait; the previous complete step
+    is untouched (a step becomes visible only once complete)."""
+
+    def __init__(self, mngr, step):
+        self.mngr, self.step = mngr, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, CheckpointWriteError):
+            return False
+        os_error = _os_error(e)
+        kept = _previous_complete(self.mngr)
+        raise CheckpointWriteError(
+            f"{paths.as_path(self.mngr.directory)}: writing a checkpoint failed ({os_error or root_cause(e)}); the run stopped. "
+            f"{'The last complete step is ' + str(kept) if kept is not None else 'No complete step was written'}; "
+            f"free space (or fix the folder) and rerun the same command to resume"
+        ) from e
+
+
+def _os_error(e: BaseException) -> str | None:
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"[Errno {seen.errno}] {seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
+        seen = seen.__cause__ or seen.__context__
+    # tensorstore: 'Failed writing: "<file>": Failed to write N bytes ...: No space left on device [os_error_code='28']'
+    text = root_cause(e, limit=10_000)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code is None:
+        return None
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}" + (f": {file.group(1)}" if file else "")
+
+
+def _previous_complete(mngr) -> int | None:
+    try:
+        mngr.reload()
+        return mngr.latest_step()
+    except Exception:  # noqa: BLE001 - only for the message
+        return None
 
 
 # ----------------------------------------------------------------------------- the trainer's items
@@ -152,13 +318,16 @@ def _opt_leaves(opt_state) -> dict:
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, state, meta: Mapping[str, Any], data_state: Mapping[str, Any]) -> None:
-    """Issues the (possibly async) save of a `train_step.TrainState` with its meta and data position."""
-    mngr.save(step, args=save_args({
-        "params": nnx.to_pure_dict(state.params),
-        "opt_state": _opt_leaves(state.opt_state),
-        "meta": {**meta, "step": int(step)},
-        "data_state": dict(data_state),
-    }))
+    """Issues the (possibly async) save of a `train_step.TrainState` with its meta and data position.
+
+    Raises CheckpointWriteError when this save, or the previous async one, cannot be written."""
+    with _writing(mngr, step):
+        mngr.save(step, args=save_args({
+            "params": nnx.to_pure_dict(state.params),
+            "opt_state": _opt_leaves(state.opt_state),
+            "meta": {**meta, "step": int(step)},
+            "data_state": dict(data_state),
+        }))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings):
@@ -171,6 +340,9 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state, 
         "params": with_shardings(nnx.to_pure_dict(abstract_state.params), nnx.to_pure_dict(shardings.params)),
         "opt_state": abstract_opt, "meta": None, "data_state": None,
     })
+    for name in ("meta", "data_state"):
+        if not isinstance(restored.get(name), dict):
+            raise CheckpointError(f"{paths.as_path(mngr.directory) / str(step) / name}: missing or unreadable")
     params = _params_state(abstract_state.params, restored["params"])
     opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))])
     step_array = jax.device_put(np.asarray(step, np.int32), shardings.step)
@@ -179,7 +351,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state, 
 
 def save_params(mngr: ocp.CheckpointManager, step: int, params: nnx.State, meta: Mapping[str, Any]) -> None:
     """Saves parameters + meta only (the best-model checkpoint; what export and eval read)."""
-    mngr.save(step, args=save_args({"params": nnx.to_pure_dict(params), "meta": {**meta, "step": int(step)}}))
+    with _writing(mngr, step):
+        mngr.save(step, args=save_args({"params": nnx.to_pure_dict(params), "meta": {**meta, "step": int(step)}}))
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: nnx.State, shardings: nnx.State) -> nnx.State:

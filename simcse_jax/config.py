@@ -104,14 +104,59 @@ class TrainConfig:
     eval_batch_size: int = 128
     eval_pooler: str | None = None  # None: pooler (with mlp_only_train, the MLP is dropped)
     save_steps: int = 0  # 0: save at every evaluation
-    keep_checkpoints: int = 1  # latest checkpoints kept besides the best
+    # Latest checkpoints kept besides the best: >= 2, so that when the newest step turns out to be
+    # damaged (a truncated file, a disk that filled) the resume falls back to the one before.
+    keep_checkpoints: int = 2
+    resume_step: int | None = None  # None: the newest step that reads back completely; N: step N
     async_checkpointing: bool = True
     do_export: bool = True
     do_test_eval: bool = True
     log_every: int = 10
+    # --- faults (see distributed.py, and RUN_KEYS below)
+    # A host silent this long is lost: every other process stops with a message naming it and
+    # the last complete checkpoint. Long enough for a pod's transient network stalls.
+    host_heartbeat_timeout_s: int = 120
+    host_shutdown_timeout_s: int = 300  # how long a finished process waits at exit for the others
+    allow_config_change: bool = False  # resume although a key of RUN_KEYS differs from config.json
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Keys that do not change what a run computes (how it is observed, laid out, saved or fed): a
+# resumed run may change them freely; the change is noted. Every other key is the run's identity
+# (model, data and its order, objective, optimiser and schedule, seed, dtype): changing one on
+# resume is refused unless allow_config_change. A new key is identity until listed here.
+FREE_KEYS = frozenset({
+    "eval_steps", "eval_batch_size", "eval_pooler", "sts_dir", "log_every", "save_steps", "keep_checkpoints",
+    "resume_step", "async_checkpointing", "do_export", "do_test_eval", "data_cache_dir", "preemption_check_steps",
+    "prefetch_batches", "mesh_data", "mesh_fsdp", "mesh_tensor",  # resharding on resume is a feature
+    "grad_cache_chunk_size",  # the same loss and gradients, in chunks (a memory knob)
+    "cpu_onednn", "on_nonfinite", "host_heartbeat_timeout_s", "host_shutdown_timeout_s", "allow_config_change",
+})
+
+
+def run_key_changes(recorded: dict, config: TrainConfig) -> tuple[dict, dict]:
+    """({identity key: (recorded, now)}, {free key: (recorded, now)}) between a workdir's
+    config.json and `config`. Keys the recorded file lacks (added since) count as unchanged."""
+    now = dataclasses.asdict(config)
+    changed = {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
+    run = {k: v for k, v in changed.items() if k not in FREE_KEYS}
+    return run, {k: v for k, v in changed.items() if k in FREE_KEYS}
+
+
+def check_resume(recorded: dict, config: TrainConfig, path) -> tuple[dict, dict]:
+    """Refuses (ConfigError, one line) a resume whose identity keys differ from `recorded` (the
+    workdir's config.json at `path`) unless `allow_config_change`; returns run_key_changes."""
+    run, free = run_key_changes(recorded, config)
+    if run and not config.allow_config_change:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in run.items())
+        raise ConfigError(
+            f"{path} records another run: {listed}. These keys change the run; to proceed, train in a new "
+            f"--workdir, or continue this one with them by adding --set allow_config_change=true "
+            f"(recorded in metrics.jsonl)"
+        )
+    return run, free
 
 
 def _field_types() -> dict[str, typing.Any]:
@@ -229,6 +274,13 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
         bad("num_epochs", "must be positive when max_steps is not set")
     if c.eval_steps <= 0:
         bad("eval_steps", "must be positive")
+    if c.keep_checkpoints < 1:
+        bad("keep_checkpoints", "must be >= 1 (2 or more keep a step to fall back to when the newest is damaged)")
+    if c.resume_step is not None and c.resume_step < 0:
+        bad("resume_step", "must be a step number >= 0, or none for the newest complete step")
+    for key in ("host_heartbeat_timeout_s", "host_shutdown_timeout_s"):
+        if getattr(c, key) < 1:
+            bad(key, "must be >= 1 second")
     if c.mlp_init not in ("fresh", "checkpoint"):
         bad("mlp_init", "must be 'fresh' or 'checkpoint'")
     if c.on_nonfinite not in ("stop", "skip"):

@@ -44,6 +44,10 @@ class CheckpointError(SimcseError, ValueError):
     """A model folder or checkpoint that cannot be read; the message names the path."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that cannot be written (a full disk, permissions); names the folder and the OS error."""
+
+
 class ExportError(SimcseError, RuntimeError):
     """An export that cannot be written or does not reload to the same model."""
 

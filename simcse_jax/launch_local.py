@@ -13,8 +13,10 @@ the all-host preemption vote) runs here exactly as on a pod, only over loopback.
 
 The launcher prefixes each child's output lines with `[p<i>]`, forwards SIGTERM/SIGINT to every
 child (one child can be signalled alone through its pid: `--pids-file`), and exits with the first
-non-zero child status after killing the others (a lone survivor would wait forever in a
-collective). `--timeout` bounds the whole run (exit 124).
+non-zero child status. When a child fails it says which one and how (exit status or signal),
+then gives the others `--grace` seconds to stop by themselves (a trainer notices a lost peer
+within its `host_heartbeat_timeout_s` and says where it can resume) before it kills them (a lone
+survivor would otherwise wait forever in a collective). `--timeout` bounds the whole run (exit 124).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from simcse_jax.errors import UsageError
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 KILL_GRACE_S = 10.0  # after SIGTERM, how long a child may take (a preemption save) before SIGKILL
+# After one child fails: how long the others may take to notice and stop by themselves. Above the
+# trainer's default host_heartbeat_timeout_s (120 s) plus its check interval.
+FAILURE_GRACE_S = 150.0
 TIMEOUT_EXIT = 124
 
 
@@ -74,6 +79,17 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal k -> 128 + k, as a shell reports it
 
 
+def describe_exit(index: int, pid: int, code: int) -> str:
+    """'process 1 (pid 123) was killed by SIGKILL' / 'process 0 (pid 122) exited with status 75'."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"process {index} (pid {pid}) was killed by {name}"
+    return f"process {index} (pid {pid}) exited with status {code}"
+
+
 def launch(
     command: list[str],
     *,
@@ -85,6 +101,7 @@ def launch(
     out=None,
     program: list[str] | None = None,
     isolate: str | os.PathLike | None = None,
+    grace: float = FAILURE_GRACE_S,
 ) -> int:
     """Runs `python -m simcse_jax.cli <command>` as `num_processes` coordinated processes.
 
@@ -94,7 +111,8 @@ def launch(
     shared between them.
 
     Returns 0 when every child exits 0; else the first non-zero status (signals as 128 + k);
-    124 when `timeout` seconds pass first.
+    124 when `timeout` seconds pass first. After a child fails, the others have `grace` seconds
+    to stop by themselves before they are stopped.
     """
     if num_processes < 1 or devices_per_process < 1:
         raise UsageError(f"--num-processes and --devices-per-process must be >= 1, got {num_processes}, {devices_per_process}")
@@ -138,12 +156,30 @@ def launch(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     deadline = None if timeout is None else time.monotonic() + timeout
     status = 0
+    reported: set[int] = set()
+    grace_end = None
+
+    def say(text: str) -> None:
+        with lock:
+            out.write(f"[launch] {text}\n")
+            out.flush()
+
+    def report_failures() -> None:
+        for i, p in enumerate(procs):
+            if p.returncode not in (None, 0) and i not in reported:
+                reported.add(i)
+                say(describe_exit(i, p.pid, p.returncode))
+
     try:
         while [p.poll() for p in procs].count(None):  # poll every child: any() would stop at the first
+            report_failures()
             failed = [p for p in procs if p.returncode not in (None, 0)]
-            if failed:
+            if failed and grace_end is None:
                 status = _exit_status(failed[0].returncode)
-                _stop(procs, out, lock, f"a process exited with status {failed[0].returncode}")
+                grace_end = time.monotonic() + grace
+                say(f"waiting up to {grace:g} s for the other processes to stop by themselves")
+            if grace_end is not None and time.monotonic() > grace_end:
+                _stop(procs, out, lock, f"they did not stop within {grace:g} s")
                 break
             if deadline is not None and time.monotonic() > deadline:
                 status = TIMEOUT_EXIT
@@ -159,6 +195,7 @@ def launch(
             p.wait()
         for t in pumps:
             t.join(timeout=5)
+    report_failures()
     if status == 0:
         status = next((_exit_status(p.returncode) for p in procs if p.returncode != 0), 0)
     return status
@@ -194,6 +231,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pids-file", default=None, help="write {'p0': pid, ...} here once the processes have started")
     p.add_argument("--isolate", default=None, metavar="DIR",
                    help="give each process its own HOME, cache and working directory under DIR/p<i> (hosts sharing no disk)")
+    p.add_argument("--grace", type=float, default=FAILURE_GRACE_S,
+                   help=f"after a process fails, seconds the others may take to stop by themselves (default {FAILURE_GRACE_S:g})")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the simcse-jax subcommand and its arguments")
     p.set_defaults(func=run)
 
@@ -203,4 +242,5 @@ def run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                  port=args.port, timeout=args.timeout, pids_file=args.pids_file, isolate=args.isolate)
+                  port=args.port, timeout=args.timeout, pids_file=args.pids_file, isolate=args.isolate,
+                  grace=args.grace)

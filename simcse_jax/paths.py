@@ -356,3 +356,17 @@ def remove(url, *, recursive: bool = False) -> None:
     with _translated(text):
         if fs.exists(inner):
             fs.rm(inner, recursive=recursive)
+
+
+def move(src, dst) -> None:
+    """Moves a file or folder; on gs:// a copy of every object, then a delete (no rename there)."""
+    src_text, dst_text = os.fspath(as_path(src)), os.fspath(as_path(dst))
+    if not is_remote(src_text):
+        Path(dst_text).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src_text, dst_text)
+        return
+    fs, inner = _fs(src_text)
+    _, target = _fs(dst_text)
+    with _translated(src_text):
+        fs.copy(inner, target, recursive=True)
+        fs.rm(inner, recursive=True)

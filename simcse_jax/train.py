@@ -27,11 +27,22 @@ Checkpoints (`<workdir>/checkpoints/`, see checkpoint.py): `latest/` keeps the n
 `keep_checkpoints` complete training states for resuming; `best/` keeps the parameters with the
 highest STS-B dev Spearman. orbax makes a step visible only when it is complete, so a crash
 mid-save leaves no checkpoint that a restart would load.
+
+Faults (each ends the run with a message naming what and where; rerunning the same command
+resumes from the last complete checkpoint):
+- a lost host: the other processes stop within `host_heartbeat_timeout_s` (distributed.py);
+- a damaged newest step (missing or truncated file): reported by step and file, moved to
+  `checkpoints/damaged/`, and the resume falls back to the newest step that reads back completely
+  (`--set resume_step=N` picks one); nothing readable is an error, never a fresh start;
+- a save that fails (a full disk): CheckpointWriteError naming the folder and the OS error;
+- a config that changes the run: `config.json` is the run's identity, see `config.check_resume`;
+- SIGTERM or a first Ctrl-C: save at the next step boundary and stop; a second Ctrl-C: at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,11 +60,11 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
 from simcse_jax import distributed, paths, sts
-from simcse_jax.config import ConfigError, TrainConfig, eval_pooler, load_config, resolve_sts_dir, validate
+from simcse_jax.config import TrainConfig, check_resume, eval_pooler, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.errors import TrainingError
+from simcse_jax.errors import ConfigError, TrainingError
 from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir, read_config, resolve_model_dir
 from simcse_jax.metrics_log import MetricsLog
@@ -143,7 +154,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     workdir = paths.as_path(workdir) if remote else Path(workdir).expanduser().absolute()
     is_lead = jax.process_index() == 0
 
-    # --- 1. validate before compiling anything; record the config
+    # --- 1. validate before compiling anything; refuse a resume that changes the run; record the config
     validate(config, num_devices=jax.device_count())
     sts_dir = resolve_sts_dir(config)
     if remote:
@@ -153,7 +164,8 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
             raise ConfigError(f"workdir: {e}") from None
     else:
         workdir.mkdir(parents=True, exist_ok=True)
-    _record_config(config, workdir, is_lead)
+    ckpt_root = workdir / "checkpoints"
+    config_changes = _check_and_record_config(config, workdir, is_lead, resuming=bool(ckpt_lib.complete_steps(ckpt_root / "latest")))
 
     # --- 2. mesh, tokenizer, data
     mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor})
@@ -179,20 +191,33 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                                 opt_state=jax.eval_shape(optimizer.init, abstract_params))
 
-    ckpt_root = workdir / "checkpoints"
     latest = ckpt_lib.manager(ckpt_root / "latest", max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     best = ckpt_lib.manager(ckpt_root / "best", max_to_keep=1)
     meta = ckpt_lib.make_meta(abstract_model, hf_config=hf_config, pooler=config.pooler,
                               mlp_only_train=config.mlp_only_train, train_config=dataclasses.asdict(config))
     best_score, best_step = -math.inf, None
-    start = latest.latest_step()
+    start, restored, damaged = ckpt_lib.restore_newest(
+        latest, lambda s: ckpt_lib.restore_train_state(latest, s, abstract_state, shardings), step=config.resume_step,
+        agree=distributed.all_hosts, is_lead=is_lead, barrier=distributed.barrier)
+    for d in damaged:
+        if is_lead:
+            print(f"checkpoint step {d.step} in {ckpt_root / 'latest'} is damaged: {d.reason}; moved it to {d.moved_to}",
+                  file=sys.stderr, flush=True)
     if start is not None:
-        state, _, saved = ckpt_lib.restore_train_state(latest, start, abstract_state, shardings)
+        state, _, saved = restored
         data.restore(saved["iterator"])
         best_score, best_step = saved.get("best_score", -math.inf), saved.get("best_step")
         for stale in [s for s in best.all_steps() if s > start]:  # from a lost future of the run
             best.delete(stale)
-        resumed = f"resumed from step {start} ({ckpt_root / 'latest' / str(start)})"
+        later = [s for s in latest.all_steps() if s > start]
+        if later:  # only with resume_step: a future of the run that this one replaces
+            if is_lead:
+                print(f"resume_step={start}: deleting the later step(s) {', '.join(map(str, later))} of {ckpt_root / 'latest'}",
+                      file=sys.stderr, flush=True)
+            for s in later:
+                latest.delete(s)
+        fallback = f"; newer step(s) {', '.join(str(d.step) for d in damaged)} damaged" if damaged else ""
+        resumed = f"resumed from step {start} ({ckpt_root / 'latest' / str(start)}{fallback})"
     else:
         loaded = load_pretrained(model_dir, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
         if config.pooler == "cls" and config.mlp_init == "fresh":
@@ -210,6 +235,12 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                                compiler_options=compiler_options)
 
     log = MetricsLog(workdir, enabled=is_lead, truncate_after=start)
+    run_changes, free_changes = config_changes
+    if run_changes:  # only with allow_config_change: the run's identity changed here, on the record
+        log.write(start, {"allow_config_change": 1.0})
+        log.message(f"note: resuming at step {start} with changed run keys (allow_config_change): {_listed(run_changes)}")
+    if free_changes:
+        log.message(f"note: resuming with changed settings: {_listed(free_changes)}")
     # One executable serves the whole run: a batch of another shape is an error, not a silent
     # recompilation.
     step_options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and jax.devices()[0].platform == "cpu" else None
@@ -252,7 +283,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                         f"step {s}: non-finite loss {meas['loss']} / grad norm {meas['grad_norm']}; stopped "
                         f"without saving. The last good checkpoint is "
                         f"{'step ' + str(good) + ' in ' + str(ckpt_root / 'latest') if good is not None else 'none'}; "
-                        f"lower learning_rate or set on_nonfinite=skip"
+                        f"lower learning_rate (with --set allow_config_change=true) or set on_nonfinite=skip"
                     )
                 log.message(f"step {s}: non-finite loss; update skipped (on_nonfinite=skip)")
             if s % config.log_every == 0 or s == total_steps:
@@ -266,6 +297,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 if bar is not None:
                     bar.show(meas)
 
+    ended = "failed"
     try:
         while step < total_steps:
             batch, next_position = next(batches)
@@ -298,7 +330,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                     if score is not None and score > best_score:
                         best_score, best_step = score, step
                         ckpt_lib.save_params(best, step, state.params, {**meta, "best_score": score})
-                        best.wait_until_finished()
+                        ckpt_lib.finish_saves(best)
                     log.message(eval_line(step, scores, best_score, best_step))
             if is_save or stop:
                 ckpt_lib.save_train_state(latest, step, state, meta, {
@@ -308,16 +340,25 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 if callback is not None:
                     callback("checkpoint", step)
             if stop and step < total_steps:
-                latest.wait_until_finished()
+                ckpt_lib.finish_saves(latest)
                 status = "preempted"
                 log.message(f"preempted: saved step {step} in {ckpt_root / 'latest'}; rerun the same command to resume")
                 break
+        ended = "ok"
+    except KeyboardInterrupt:
+        ended = "aborted"
+        raise
     finally:
         batches.close()
         preemption.restore()
         if bar is not None:
             bar.close()
-        latest.wait_until_finished()
+        if ended == "ok":
+            ckpt_lib.finish_saves(latest)
+        elif ended == "failed":  # let an in-flight save of a good step complete; its own error is secondary
+            with contextlib.suppress(Exception):
+                latest.wait_until_finished()
+        # "aborted" (a second Ctrl-C): no waiting; an unfinished save leaves no visible step
     if status == "preempted":
         log.close()
         latest.close()
@@ -367,17 +408,27 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     return results
 
 
-def _record_config(config: TrainConfig, workdir: Path, is_lead: bool) -> None:
-    if not is_lead:
-        return
+def _check_and_record_config(config: TrainConfig, workdir: Path, is_lead: bool, *, resuming: bool) -> tuple[dict, dict]:
+    """Every host checks a resume against `config.json` (ConfigError on a change of the run's
+    identity, see config.check_resume); the lead then records the config. The recorded one a
+    permitted change replaces is kept as `config.<time>.json`. Returns (run, free) changes."""
     path = workdir / "config.json"
-    now = dataclasses.asdict(config)
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
-        if changed:
-            print(f"note: config differs from the one recorded in {path}: {changed}", file=sys.stderr)
-    paths.write_text_atomic(path, json.dumps(now, indent=2) + "\n")
+    changes: tuple[dict, dict] = ({}, {})
+    if resuming and path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); it records this run's config: restore it, or train in a new --workdir") from e
+        changes = check_resume(recorded, config, path)
+        if changes[0] and is_lead:
+            paths.write_text_atomic(workdir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.json", path.read_text())
+    if is_lead:
+        paths.write_text_atomic(path, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return changes
+
+
+def _listed(changes: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -394,7 +445,30 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    distributed.initialize()
-    config = load_config(args.config, args.overrides)
-    results = train(config, args.workdir, progress=not args.no_progress)
+    config = load_config(args.config, args.overrides)  # jax-free: its timeouts configure the join
+    watchdog = distributed.initialize(heartbeat_timeout_s=config.host_heartbeat_timeout_s,
+                                      shutdown_timeout_s=config.host_shutdown_timeout_s)
+    latest_dir = Path(args.workdir).expanduser().absolute() / "checkpoints" / "latest"
+    if watchdog is not None:
+        watchdog.note = lambda: last_checkpoint_note(latest_dir)
+    done = False
+    try:
+        results = train(config, args.workdir, progress=not args.no_progress)
+        done = True
+    except KeyboardInterrupt:
+        # A second Ctrl-C in the loop (distributed.Preemption), or the first before the loop began.
+        print(f"error: train: interrupted: stopped at once without saving. {last_checkpoint_note(latest_dir)}",
+              file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as a shell reports an interrupted command
+    finally:
+        if watchdog is not None:
+            watchdog.finish(done=done)
     return 0 if results["status"] in ("completed", "preempted") else 1
+
+
+def last_checkpoint_note(latest_dir: Path) -> str:
+    """The sentence a stopped run ends with: where it can resume from."""
+    steps = ckpt_lib.complete_steps(latest_dir)
+    if not steps:
+        return f"No complete checkpoint in {latest_dir} yet; rerunning the same command starts the run afresh."
+    return f"The last complete checkpoint is step {max(steps)} in {latest_dir}; rerun the same command to resume from it."

@@ -95,3 +95,26 @@ def test_config_file_errors(tmp_path):
     bad.write_text("X = 1\n")
     with pytest.raises(ConfigError, match=r"bad.py: defines no get_config"):
         load_config(str(bad))
+
+
+def test_resume_refuses_run_keys_and_accepts_the_others(tmp_path):
+    import dataclasses
+
+    from simcse_jax.config import FREE_KEYS, check_resume
+
+    recorded = dataclasses.asdict(TrainConfig())
+    path = tmp_path / "config.json"
+    for key, value in (("global_batch_size", 128), ("learning_rate", 1e-4), ("model", "roberta-base"), ("seed", 7),
+                       ("shuffle", False), ("temperature", 0.1), ("max_steps", 10), ("pooler", "avg"), ("do_mlm", True)):
+        with pytest.raises(ConfigError, match=rf"^{path} records another run: {key} {recorded[key]!r} -> {value!r}\. .*"
+                                              r"new --workdir.*--set allow_config_change=true"):
+            check_resume(recorded, TrainConfig().replace(**{key: value}), path)
+        run, free = check_resume(recorded, TrainConfig().replace(**{key: value}, allow_config_change=True), path)
+        assert run == {key: (recorded[key], value)} and free == {"allow_config_change": (False, True)}
+    changed = TrainConfig().replace(eval_steps=7, log_every=3, save_steps=5, mesh_data=2, mesh_fsdp=4)
+    assert check_resume(recorded, changed, path) == ({}, {"eval_steps": (125, 7), "log_every": (10, 3), "save_steps": (0, 5),
+                                                          "mesh_data": (-1, 2), "mesh_fsdp": (1, 4)})
+    # A key that the recorded config predates is not a change; every free key is a real field.
+    assert check_resume({k: v for k, v in recorded.items() if k != "seed"}, TrainConfig().replace(seed=1), path) == ({}, {})
+    assert FREE_KEYS <= set(recorded)
+    assert TrainConfig().keep_checkpoints >= 2  # a step to fall back to when the newest is damaged

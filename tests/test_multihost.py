@@ -78,9 +78,9 @@ def step_losses(workdir) -> dict[int, float]:
     return out
 
 
-def launch_args(config_file, workdir, *overrides) -> list[str]:
+def launch_args(config_file, workdir, *overrides, launcher=()) -> list[str]:
     return [sys.executable, "-m", "simcse_jax.cli", "launch-local", "--num-processes", "2", "--devices-per-process", "4",
-            "--timeout", str(RUN_TIMEOUT_S), "--pids-file", str(Path(workdir) / "launch_pids.json"), "--",
+            "--timeout", str(RUN_TIMEOUT_S), "--pids-file", str(Path(workdir) / "launch_pids.json"), *launcher, "--",
             "train", "--config", str(config_file), "--workdir", str(workdir), "--no-progress", *overrides]
 
 
@@ -88,10 +88,10 @@ def launch_env(compile_cache) -> dict[str, str]:
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache)}
 
 
-def run_launcher(config_file, workdir, compile_cache, *overrides) -> subprocess.CompletedProcess:
+def run_launcher(config_file, workdir, compile_cache, *overrides, launcher=()) -> subprocess.CompletedProcess:
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return subprocess.run(launch_args(config_file, workdir, *overrides), env=launch_env(compile_cache), cwd=REPO,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30)
+    return subprocess.run(launch_args(config_file, workdir, *overrides, launcher=launcher), env=launch_env(compile_cache),
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30)
 
 
 def assert_close(losses: dict[int, float], reference: dict[int, float], steps) -> None:
@@ -122,11 +122,14 @@ def test_a_failing_process_stops_the_others_and_sets_the_exit_status(tmp_path):
     out = io.StringIO()
     t0 = time.monotonic()
     status = launch(["probe"], num_processes=2, devices_per_process=1, out=out, program=[sys.executable, "-c", script],
-                    pids_file=tmp_path / "pids.json")
+                    pids_file=tmp_path / "pids.json", grace=1.0)
     assert status == 3
-    assert time.monotonic() - t0 < 30  # process 0 was terminated, not waited for
+    assert time.monotonic() - t0 < 30  # process 0 was terminated after the grace period, not waited for
     text = out.getvalue()
     assert "[p0] hello from 0" in text and "[p1] hello from 1" in text
+    pid1 = json.loads((tmp_path / "pids.json").read_text())["p1"]
+    assert f"[launch] process 1 (pid {pid1}) exited with status 3" in text
+    assert "[launch] they did not stop within 1 s: stopping the other processes" in text
     pids = json.loads((tmp_path / "pids.json").read_text())
     assert set(pids) == {"launcher", "p0", "p1"}
     assert not Path(f"/proc/{pids['p0']}").exists()
@@ -211,6 +214,50 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(config_f
     res = run_launcher(config_file, tmp_path, compile_cache)
     assert res.returncode == 0, res.stdout[-5000:]
     assert f"resumed from step {stop} (" in res.stdout
+    losses = step_losses(tmp_path)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_close(losses, one_process, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_stops_the_other_in_bounded_time_and_the_rerun_resumes(
+        config_file, one_process, compile_cache, tmp_path):
+    """A host dies (SIGKILL to process 1): process 0 notices within host_heartbeat_timeout_s, says
+    which process was lost and where the run can resume, and exits; the launcher names the dead
+    child and its signal; rerunning the same command resumes with the losses of an unbroken run."""
+    heartbeat_s = 5
+    overrides = ("--set", "save_steps=2", "--set", f"host_heartbeat_timeout_s={heartbeat_s}")
+    proc = subprocess.Popen(launch_args(config_file, tmp_path, *overrides, launcher=("--grace", "60")),
+                            env=launch_env(compile_cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first_save, deadline = tmp_path / "checkpoints" / "latest" / "2", time.monotonic() + RUN_TIMEOUT_S
+        while not first_save.is_dir():  # complete (orbax renames a step folder only when it is)
+            assert proc.poll() is None, proc.stdout.read()[-5000:]
+            assert time.monotonic() < deadline, "the 2-process run did not save step 2"
+            time.sleep(0.05)
+        second = json.loads((tmp_path / "launch_pids.json").read_text())["p1"]
+        os.kill(second, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        detected_s = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"SIGKILL to process 1 -> launcher exit in {detected_s:.1f} s (host_heartbeat_timeout_s={heartbeat_s})")
+    assert proc.returncode == 128 + signal.SIGKILL, out[-5000:]  # the first failure's status
+    # The bound: the timeout, one check interval, and the exit; far below the launcher's grace.
+    assert heartbeat_s <= detected_s < heartbeat_s + 25, (detected_s, out[-3000:])
+    assert f"[launch] process 1 (pid {second}) was killed by SIGKILL" in out
+    lost = [line for line in out.splitlines() if "lost process 1 of 2" in line]
+    assert lost and lost[0].startswith("[p0] error: process 0: lost process 1 of 2: no heartbeat for "), out[-3000:]
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    assert f"The last complete checkpoint is step {saved} in {tmp_path / 'checkpoints' / 'latest'}; rerun" in lost[0]
+    assert "[launch] process 0 (pid" in out and "exited with status 75" in out  # it stopped by itself
+
+    res = run_launcher(config_file, tmp_path, compile_cache, *overrides)
+    assert res.returncode == 0, res.stdout[-5000:]
+    assert f"resumed from step {saved} (" in res.stdout
     losses = step_losses(tmp_path)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert_close(losses, one_process, range(1, STEPS + 1))

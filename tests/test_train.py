@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,16 @@ def sigterm_at(step_to_stop):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, train_samples_dir, data_cache, tmp_path_factory):
+def uninterrupted_dir(tiny_model_dir, train_samples_dir, data_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     result = train(tiny_config(tiny_model_dir, train_samples_dir, data_cache), workdir, progress=False)
     assert result["status"] == "completed"
-    return step_losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir):
+    return step_losses(uninterrupted_dir)
 
 
 def test_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, train_samples_dir, data_cache, uninterrupted, tmp_path):
@@ -128,12 +134,13 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     train(config, tmp_path, progress=False, callback=sigterm_at(4))
     shutil.copytree(tmp_path, tmp_path.parent / "skip_run")
     # Resume with an absurd learning rate: the parameters overflow and the loss becomes NaN.
-    exploding = config.replace(learning_rate=1e30, max_grad_norm=0.0)
+    exploding = config.replace(learning_rate=1e30, max_grad_norm=0.0, allow_config_change=True)
     # on_nonfinite=skip, logging every step: the bad updates are dropped inside the step, the run
     # finishes, and the log shows the first non-finite step k.
     result = train(exploding.replace(on_nonfinite="skip"), tmp_path.parent / "skip_run", progress=False)
     assert result["status"] == "completed"
     records = [json.loads(x) for x in (tmp_path.parent / "skip_run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "allow_config_change": 1.0}.items() <= records[4].items()  # the change is on the record
     skipped = [r["step"] for r in records if r.get("skipped") == 1.0]
     assert skipped and all(s > 4 for s in skipped)
     first_bad = min(skipped)
@@ -266,3 +273,182 @@ def test_without_sts_data_the_builtin_corpus_gives_heldout_alignment_uniformity(
     # Unit vectors: alignment is a mean squared distance in (0, 4]; uniformity is negative.
     assert 0.0 < held["alignment"] <= 4.0 and held["uniformity"] < 0.0
     assert held == {"alignment": evals[1]["eval/heldout_alignment"], "uniformity": evals[1]["eval/heldout_uniformity"]}
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def config_file_for(config: TrainConfig, folder: Path) -> Path:
+    """`config` as a configs/-style file, for the command line."""
+    path = folder / "run_config.py"
+    path.write_text("import json\nfrom simcse_jax.config import TrainConfig\n\n\n"
+                    f"def get_config(arg=None):\n    return TrainConfig(**json.loads({json.dumps(json.dumps(config.__dict__))}))\n")
+    return path
+
+
+def cli_train(config_file, workdir, *overrides) -> int:
+    from simcse_jax.cli import main
+
+    return main(["train", "--config", str(config_file), "--workdir", str(workdir), "--no-progress",
+                 *[x for o in overrides for x in ("--set", o)]])
+
+
+def sigint_at(step_to_stop):
+    def callback(event, step):
+        if event == "step" and step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return callback
+
+
+def test_first_sigint_saves_and_a_changed_run_is_refused_on_resume(
+        tiny_model_dir, train_samples_dir, data_cache, uninterrupted, tmp_path, capfd):
+    """Ctrl-C once = SIGTERM: saved at the step boundary, resumable. Resuming with a key that
+    changes the run is refused in one line naming the key, old and new values; a key that does
+    not (eval_steps) is accepted and noted, and the losses equal an uninterrupted run's."""
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)
+    workdir = tmp_path / "run"
+    assert train(config, workdir, progress=False, callback=sigint_at(3)) == {"status": "preempted", "step": 3}
+    assert "interrupt: saving at the next step boundary" in capfd.readouterr().err
+    assert (workdir / "checkpoints" / "latest" / "3").is_dir()
+    cfg = config_file_for(config, tmp_path)
+    for override, old, new in (("global_batch_size=32", 16, 32), ("learning_rate=0.01", 0.001, 0.01)):
+        assert cli_train(cfg, workdir, override) == 2
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in err, err  # one line, no traceback
+        key = override.split("=")[0]
+        assert lines[0].startswith(f"error: train: {workdir / 'config.json'} records another run: {key} {old!r} -> {new!r}. ")
+        assert "new --workdir" in lines[0] and "--set allow_config_change=true" in lines[0]
+    assert step_losses(workdir).keys() == {1, 2, 3}  # refused before anything ran
+    assert cli_train(cfg, workdir, "eval_steps=50") == 0
+    err = capfd.readouterr().err
+    assert "note: resuming with changed settings: eval_steps 100 -> 50" in err and "resumed from step 3 (" in err
+    losses = step_losses(workdir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert abs(losses[step] - uninterrupted[step]) <= 1e-5, step
+
+
+def largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.slow
+def test_damaged_newest_step_falls_back_to_the_previous_and_none_readable_is_an_error(
+        tiny_model_dir, train_samples_dir, data_cache, uninterrupted, tmp_path, capfd):
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)
+    workdir = tmp_path / "run"
+    latest = workdir / "checkpoints" / "latest"
+    train(config, workdir, progress=False, callback=sigterm_at(4))
+    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2, 4]  # keep_checkpoints=2
+    damaged = largest_file(latest / "4" / "params")
+    os.truncate(damaged, 1000)
+    capfd.readouterr()
+    cfg = config_file_for(config, tmp_path)
+    assert cli_train(cfg, workdir) == 0
+    err = capfd.readouterr().err
+    assert f"checkpoint step 4 in {latest} is damaged: {damaged}: truncated to 1000 bytes" in err, err[-3000:]
+    assert "resumed from step 2 (" in err and "newer step(s) 4 damaged" in err
+    moved = list((workdir / "checkpoints" / "damaged").iterdir())  # kept for inspection, not deleted
+    assert [p.name.split("-")[:2] for p in moved] == [["latest", "4"]] and f"moved it to {moved[0]}" in err
+    losses = step_losses(workdir)
+    for step in range(1, 7):
+        assert abs(losses[step] - uninterrupted[step]) <= 1e-5, step
+
+    # Every step damaged (a truncated array file; unreadable metadata): an error, no training.
+    steps = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    os.truncate(largest_file(latest / str(steps[-1]) / "opt_state"), 10)
+    for step in steps[:-1]:
+        (latest / str(step) / "meta" / "metadata").unlink()
+    before = (workdir / "metrics.jsonl").read_text()
+    assert cli_train(cfg, workdir) == 1
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: train: {latest}: no checkpoint step reads back completely (step {steps[-1]}: "), err[-3000:]
+    assert all(f"step {s}: " in err for s in steps) and "not starting over from the pretrained model" in err
+    assert "compiled the update step" not in err and (workdir / "metrics.jsonl").read_text() == before
+    # resume_step names one step explicitly: the damaged one is refused rather than replaced.
+    assert cli_train(cfg, workdir, f"resume_step={steps[0]}") == 1
+    assert f"resume_step={steps[0]} does not read back completely" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_second_sigint_aborts_at_once_and_the_last_checkpoint_loads(tiny_model_dir, train_samples_dir, data_cache, tmp_path):
+    from simcse_jax.checkpoint import load_checkpoint
+
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache, max_steps=100_000)  # never ends by itself
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "simcse_jax.cli", "train", "--config", str(config_file_for(config, tmp_path)),
+                             "--workdir", str(workdir), "--no-progress"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        saved = workdir / "checkpoints" / "latest" / "2"
+        while not saved.is_dir():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        # The second Ctrl-C after the first was handled (two pending SIGINTs would merge into one);
+        # the first one's save at the next step boundary is then still ahead.
+        proc.send_signal(signal.SIGINT)
+        head = []
+        while not (head and head[-1].startswith("interrupt: saving at the next step boundary")):
+            head.append(proc.stderr.readline())
+            assert head[-1], "".join(head)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        err = "".join(head) + err
+        stopped_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"two SIGINTs -> exit in {stopped_s:.1f} s")
+    assert proc.returncode == 130, err[-3000:]
+    assert stopped_s < 20, stopped_s  # no save, no end-of-run work
+    last = max(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    assert (f"error: train: interrupted: stopped at once without saving. The last complete checkpoint is step "
+            f"{last} in {workdir / 'checkpoints' / 'latest'}; rerun the same command to resume from it.") in err, err[-3000:]
+    assert "Traceback" not in err
+    assert load_checkpoint(workdir / "checkpoints" / "latest", last).step == last
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """mount(size_bytes) -> a folder on a tmpfs of that size (unmounted afterwards); skips where
+    this machine does not allow mounting one."""
+    mounted = []
+
+    def mount(folder: Path, size_bytes: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount permission): {res.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_disk_full_during_async_save_stops_naming_the_folder_and_the_earlier_step_resumes(
+        tiny_model_dir, train_samples_dir, data_cache, uninterrupted_dir, uninterrupted, tmp_path, small_filesystem):
+    from simcse_jax.errors import CheckpointWriteError
+
+    step_bytes = sum(p.stat().st_size for p in (uninterrupted_dir / "checkpoints" / "latest" / "6").rglob("*") if p.is_file())
+    workdir = tmp_path / "run"
+    latest = small_filesystem(workdir / "checkpoints" / "latest", int(1.5 * step_bytes))  # one step fits, two do not
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)  # async saves at steps 2, 4, 6
+    with pytest.raises(CheckpointWriteError, match=rf"^{latest}: writing a checkpoint failed \(.*No space left on device.*\); "
+                                                   r"the run stopped. The last complete step is 2; free space") as stopped:
+        train(config, workdir, progress=False)
+    print(f"disk full: {stopped.value}")
+    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2]
+    # The earlier step is intact: the run resumes from it (here on a disk with room) and repeats
+    # the uninterrupted run's losses.
+    roomy = tmp_path / "copied"
+    shutil.copytree(workdir, roomy)
+    assert train(config, roomy, progress=False)["status"] == "completed"
+    losses = step_losses(roomy)
+    for step in range(1, 7):
+        assert abs(losses[step] - uninterrupted[step]) <= 1e-5, step
