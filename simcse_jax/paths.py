@@ -42,9 +42,13 @@ class PathError(SimcseError, OSError):
 
 
 def is_remote(path) -> bool:
-    """True for URLs such as gs://bucket/key (file:// and plain paths are local)."""
-    scheme = urllib.parse.urlsplit(os.fspath(path)).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive, not a scheme
+    """True for URLs such as gs://bucket/key (file:// and plain paths are local).
+
+    Only `scheme://` counts: names such as `builtin:docstrings` or a hub id are not URLs."""
+    text = os.fspath(path)
+    scheme = urllib.parse.urlsplit(text).scheme
+    # One letter: a Windows drive, not a scheme.
+    return len(scheme) > 1 and scheme != "file" and text.startswith(f"{scheme}://")
 
 
 def as_path(path):

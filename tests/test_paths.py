@@ -22,6 +22,7 @@ def test_as_path_keeps_local_paths_pathlib_and_urls_intact(tmp_path):
     assert str(paths.as_path("gs://b/run") / "metrics.jsonl") == "gs://b/run/metrics.jsonl"
     assert paths.is_remote("gs://b/x") and not paths.is_remote(tmp_path) and not paths.is_remote("C:/x")
     assert not paths.is_remote("file:///tmp/x") and paths.as_path("file:///tmp/x") == Path("/tmp/x")
+    assert not paths.is_remote("builtin:docstrings") and not paths.is_remote("princeton-nlp/unsup-simcse-bert-base-uncased")
 
 
 def test_write_text_atomic_local_and_remote(tmp_path, gcs_bucket):

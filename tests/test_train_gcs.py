@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import data_cache, sigterm_at, step_losses, tiny_config, uninterrupted  # noqa: F401 (fixtures)
+from test_train import (  # noqa: F401 (fixtures)
+    data_cache,
+    sigterm_at,
+    step_losses,
+    tiny_config,
+    uninterrupted,
+    uninterrupted_dir,
+)
 
 from simcse_jax import cli, paths
 from simcse_jax.train import train
