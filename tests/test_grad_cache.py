@@ -56,6 +56,7 @@ def _cached(graphdef, cfg, num_chunks, dp):
     return jax.jit(f, compiler_options=FAST_COMPILE)
 
 
+@pytest.mark.slow
 def test_cached_gradient_equals_full_batch_gradient_without_dropout():
     graphdef, params, batch, mesh = _setup(dropout=0.0)
     dp = data_parallel_size(mesh)
@@ -72,6 +73,7 @@ def test_cached_gradient_equals_full_batch_gradient_without_dropout():
             _close(grads, ref_grads)
 
 
+@pytest.mark.slow
 def test_cached_gradient_with_dropout_equals_one_graph_gradient_with_the_same_chunk_keys():
     graphdef, params, batch, mesh = _setup(dropout=0.1)
     dp = data_parallel_size(mesh)

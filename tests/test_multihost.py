@@ -170,6 +170,7 @@ def test_sigterm_to_the_launcher_reaches_every_process():
 # ----------------------------------------------------------------------------- training on 2 hosts
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(config_file, one_process, compile_cache, tmp_path):
     res = run_launcher(config_file, tmp_path, compile_cache, "--set", "do_export=true")
     assert res.returncode == 0, res.stdout[-5000:]
@@ -185,6 +186,7 @@ def test_two_processes_give_the_losses_of_one(config_file, one_process, compile_
     assert written_by_both_processes(tmp_path / "checkpoints" / "latest" / str(STEPS))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(config_file, one_process, compile_cache, tmp_path):
     proc = subprocess.Popen(launch_args(config_file, tmp_path), env=launch_env(compile_cache), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -105,6 +105,7 @@ def _rel_close(tree, ref, rtol):
         assert err <= rtol * max(np.abs(b).max(), floor), f"{jax.tree_util.keystr(path)}: max err {err}, max |ref| {np.abs(b).max()}"
 
 
+@pytest.mark.slow
 def test_sharded_objective_equals_single_device_on_meshes():
     """Loss and gradient of the full objective (hard negatives, MLM, encoder; dropout off)."""
     model = tiny_model(dropout=0.1, mlm=True)

@@ -224,6 +224,7 @@ def test_report_without_sts_uses_heldout_statistics_and_several_device_counts(tm
 # ----------------------------------------------------------------------------- a real sweep
 
 
+@pytest.mark.slow
 def test_small_real_sweep_trains_resumes_and_reports(tiny_model_dir, train_samples_dir, sts_dir, tmp_path, capsys, monkeypatch):
     """Two runs (global batch 8 and 16, sqrt scaling), each trained in a subprocess."""
     # The runs inherit the environment: 2 devices (not the suite's 8) halve their compile time

@@ -18,6 +18,7 @@ from simcse_jax.config import TrainConfig
 from simcse_jax.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole training runs (~20-60 s each)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +335,6 @@ def largest_file(folder: Path) -> Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.slow
 def test_damaged_newest_step_falls_back_to_the_previous_and_none_readable_is_an_error(
         tiny_model_dir, train_samples_dir, data_cache, uninterrupted, tmp_path, capfd):
     config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)
@@ -372,7 +372,6 @@ def test_damaged_newest_step_falls_back_to_the_previous_and_none_readable_is_an_
     assert f"resume_step={steps[0]} does not read back completely" in capfd.readouterr().err
 
 
-@pytest.mark.slow
 def test_second_sigint_aborts_at_once_and_the_last_checkpoint_loads(tiny_model_dir, train_samples_dir, data_cache, tmp_path):
     from simcse_jax.checkpoint import load_checkpoint
 

@@ -45,6 +45,7 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
+@pytest.mark.slow
 def test_update_on_minilm_lowers_loss_and_compiles_once(minilm_dir):
     loaded = load_pretrained(minilm_dir)
     mesh = make_mesh({"data": 4, "fsdp": 2})
