@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from simcse_jax.compile_cache import enable_compilation_cache
+
 # Subcommand modules, in the order `--help` lists them. Each defines add_parser(subparsers),
 # which registers its command and sets `func` (args -> exit code).
 COMMAND_MODULES = (
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before any compile; child processes (sweep points, launch_local) inherit the same folder.
+    enable_compilation_cache()
     return int(args.func(args) or 0)
 
 
