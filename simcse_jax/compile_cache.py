@@ -9,6 +9,11 @@ Where: `$SIMCSE_COMPILE_CACHE` if set, else `~/.cache/simcse-jax/xla`. `SIMCSE_C
 as is (jax reads it itself). The cache key covers the program, the compiler options, the XLA
 flags, the devices and the jax/jaxlib version, so a stale entry is never used; entries are plain
 files and the folder can be deleted at any time.
+
+One exception on jaxlib 0.10.2: an executable holding oneDNN fusions (the CPU update step with
+`cpu_onednn`, the default) cannot be serialized ("ToProto is not implemented for thunk kind:
+onednn-fusion"), so that one program is compiled in every process; everything else is cached.
+With `--set cpu_onednn=false` a resumed run compiles nothing (tests/test_compile_cache.py).
 """
 
 from __future__ import annotations
