@@ -5,7 +5,6 @@ back to a plain compile."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import REAL_SENTENCES
 
 from simcse_jax.config import TrainConfig, apply_overrides
@@ -63,7 +62,6 @@ def _step_losses(model_dir, options, steps=3):
     return np.array(losses), used, compiled.as_text()
 
 
-@pytest.mark.slow  # two update-step compiles: ~25 s idle, ~60 s on the shared 2-core machine
 def test_onednn_step_equals_the_plain_step_up_to_rounding(tiny_model_dir):
     fast, used, fast_hlo = _step_losses(tiny_model_dir, compiler_options(TrainConfig().cpu_onednn, "cpu"))
     plain, unused, plain_hlo = _step_losses(tiny_model_dir, compiler_options(False, "cpu"))
