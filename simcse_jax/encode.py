@@ -268,8 +268,10 @@ def parse_mesh_arg(text: str) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir
+    from simcse_jax.malloc_tuning import keep_freed_memory
     from simcse_jax.sharding import make_mesh, shard_model
 
+    keep_freed_memory()  # before the first large buffer
     in_path = Path(args.input)
     if not in_path.is_file():
         raise SystemExit(f"--input {in_path}: no such file")

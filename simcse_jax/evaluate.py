@@ -150,7 +150,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simcse_jax.hf_io import CheckpointError
+    from simcse_jax.malloc_tuning import keep_freed_memory
 
+    keep_freed_memory()  # XLA-CPU's per-batch buffers without page faults (malloc_tuning.py)
     sts_dir = Path(args.sts_dir).expanduser() if args.sts_dir else sts.default_sts_dir()
     try:
         res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
