@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 GLIBC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-# The same options as simcse_jax.train.CPU_ONEDNN_OPTIONS (not imported: jax must not load before
+# The same options as simcse_jax.xla_options.CPU_ONEDNN_OPTIONS (not imported: jax must not load before
 # this script has set its environment).
 ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 VARIANTS = {  # name -> (compiler_options, dropout key implementation)

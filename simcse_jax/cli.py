@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from simcse_jax.compile_cache import enable_compilation_cache
 from simcse_jax.errors import SimcseError
 
 # Subcommand modules, in the order `--help` lists them. Each defines add_parser(subparsers),
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before any compile; child processes (sweep points, launch_local) inherit the same folder.
+    enable_compilation_cache()
     try:
         return int(args.func(args) or 0)
     except SimcseError as e:

@@ -83,11 +83,11 @@ class TrainConfig:
     grad_cache_chunk_size: int = 0  # 0: off; else sentences per chunk (global), see grad_cache.py
     gradient_accumulation_steps: int = 1  # must be 1: micro-batch accumulation changes this loss
     seed: int = 42
-    # XLA-CPU only: oneDNN matmuls for the update step's jit: +12-38 % step throughput on the
-    # 2-core benchmark machine (benchmarks/bench_train_step.py), but the loss moves by ~3e-5
-    # relative (vs ~3e-7 between mesh layouts), so it is opt-in. Per-jit on purpose: oneDNN set
-    # globally in XLA_FLAGS crashed an inference compile on jaxlib 0.10.2.
-    cpu_onednn: bool = False
+    # XLA-CPU only: oneDNN matmuls for the update step's jit (simcse_jax/xla_options.py): 1.47x
+    # PyTorch's step speed instead of 1.17x on the 2-core benchmark machine; the loss moves by
+    # rounding only (~3e-5 relative, bounded in tests/test_xla_options.py). Per-jit on purpose:
+    # the same options crash jaxlib 0.10.2 compiling the inference forward (see encode.py).
+    cpu_onednn: bool = True
     on_nonfinite: str = "stop"  # "stop" (keep the last good checkpoint) or "skip" the update
     # --- the loop (see train.py): how often the host looks at the device
     # Multi-host runs vote on preemption (one small collective) every this many steps and at every

@@ -4,15 +4,27 @@ backend of the STS evaluation.
 Shapes are kept static for XLA: batches are padded to `batch_size` rows and sequences to a
 multiple of `LENGTH_BUCKET` tokens, so a whole corpus compiles a handful of programs. Sentences
 are embedded in order of length (less padding) and returned in input order.
+
+`encode_file` (the `encode` command) streams: it counts the lines, then reads, embeds and writes
+them `chunk_lines` at a time straight into the `.npy` (header first, rows in input order), so its
+memory does not grow with the file. Each chunk goes through the same `SentenceEncoder.__call__`
+as the in-memory path (length order within the chunk).
+
+The forward jit keeps XLA's own CPU kernels: with the oneDNN dot options that speed up the update
+step (`xla_options.py`), jaxlib 0.10.2 dies compiling it (SIGILL, "partition compile failed", at
+every length bucket: oneDNN's fusion of softmax(QK^T) into the dot with V), and a crash cannot
+be caught and retried without the options.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
 import sys
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +39,13 @@ from simcse_jax.poolers import needs_hidden_states, pool
 from simcse_jax.sharding import batch_sharding, data_parallel_size
 
 LENGTH_BUCKET = 16
+# Lines read, tokenized and embedded at a time by `encode_file`: large enough that sorting by
+# length within a chunk pads as little as sorting the whole corpus (128 batches of 128), small
+# enough that the chunk's tokens (Python lists) stay ~100 MB.
+CHUNK_LINES = 16384
 
 
-@partial(jax.jit, static_argnames=("graphdef", "pooler", "apply_mlp", "normalize"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooler", "apply_mlp", "normalize"))
 def embed_batch(graphdef, params, input_ids, attention_mask, token_type_ids, *, pooler, apply_mlp, normalize):
     """Pooled sentence vectors [b, H] float32 for one padded batch (deterministic encoder)."""
     model = nnx.merge(graphdef, params)
@@ -109,10 +125,17 @@ class SentenceEncoder:
         """Points the encoder at new parameters (e.g. during training) without recompiling."""
         self.graphdef, self.params = nnx.split(model, nnx.Param)
 
-    def __call__(self, sentences: Sequence[str], *, progress: bool = False, desc: str = "encode") -> np.ndarray:
+    def __call__(self, sentences: Sequence[str], *, progress: bool = False, desc: str = "encode", on_rows=None) -> np.ndarray:
+        """[n, H] float32 in input order. `on_rows(k)` is told after each batch of k rows."""
         ids = tokenize(self.tokenizer, sentences, self.max_length)
-        return embed_in_length_order([len(x) for x in ids], self.batch_size, lambda rows: self._embed([ids[i] for i in rows]),
-                                     progress=progress, desc=desc)
+
+        def embed_rows(rows):
+            z = self._embed([ids[i] for i in rows])
+            if on_rows is not None:
+                on_rows(len(rows))
+            return z
+
+        return embed_in_length_order([len(x) for x in ids], self.batch_size, embed_rows, progress=progress, desc=desc)
 
     def _embed(self, batch: list[list[int]]) -> np.ndarray:
         input_ids, mask = self._pad(batch)
@@ -138,6 +161,81 @@ class SentenceEncoder:
         return input_ids, mask
 
 
+# ----------------------------------------------------------------------------- streaming files
+
+
+def count_lines(path: Path) -> int:
+    """Lines as `read_line_chunks` yields them (a last line without a newline counts), read in blocks."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def read_line_chunks(path: Path, chunk_lines: int) -> Iterator[list[str]]:
+    """The file's lines (split on \\n, a trailing \\r dropped) `chunk_lines` at a time; a line that
+    is not UTF-8 raises ValueError naming `path:line`."""
+    chunk = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                chunk.append(raw.decode("utf-8").removesuffix("\n").removesuffix("\r"))
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8") from None
+            if len(chunk) == chunk_lines:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def npy_path(output: str | Path) -> Path:
+    """Where `np.save(output, ...)` would write (it appends .npy when missing)."""
+    out = Path(output)
+    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+
+
+def encode_file(encoder: SentenceEncoder, in_path: str | Path, output: str | Path, *, chunk_lines: int = CHUNK_LINES,
+                progress: bool = False) -> tuple[Path, tuple[int, int]]:
+    """Embeds every line of `in_path` into the float32 `.npy` `output`, streaming: memory stays
+    flat in the number of lines. Written to `<output>.partial` and renamed when complete, so an
+    interrupted run never leaves a truncated array under the final name. Returns (path, shape)."""
+    in_path, out = Path(in_path), npy_path(output)
+    n = count_lines(in_path)
+    if n == 0:
+        raise ValueError(f"{in_path}: no lines to encode")
+    partial = out.with_name(out.name + ".partial")
+    bar = None
+    if progress:  # sentences/s and the ETA of the whole file
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="encode", unit="sent", file=sys.stderr, smoothing=0.05)
+    written, width = 0, None
+    try:
+        with open(partial, "wb") as f:
+            for chunk in read_line_chunks(in_path, chunk_lines):
+                z = encoder(chunk, on_rows=bar.update if bar is not None else None)
+                if width is None:
+                    width = z.shape[1]
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                              "shape": (n, width)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                np.ascontiguousarray(z, dtype=np.float32).tofile(f)
+                written += len(chunk)
+        if written != n:
+            raise ValueError(f"{in_path} changed while encoding: counted {n} lines, read {written}")
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return out, (n, width)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -152,6 +250,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--no-mlp", action="store_true", help="with --pooler cls: drop the MLP (mlp_only_train models)")
     p.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=4,tensor=2 (default: all devices data-parallel)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype: bfloat16 for GPUs/TPUs (slower on CPUs without bf16 units); the .npy is float32")
+    p.add_argument("--chunk-lines", type=int, default=CHUNK_LINES, help="lines read and embedded at a time (memory)")
     p.set_defaults(func=run)
 
 
@@ -168,38 +269,40 @@ def parse_mesh_arg(text: str) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     import tempfile
-    from pathlib import Path
 
     from simcse_jax import paths
     from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir
+    from simcse_jax.malloc_tuning import keep_freed_memory
     from simcse_jax.sharding import make_mesh, shard_model
 
+    keep_freed_memory()  # before the first large buffer
     # A gs:// input is read from a local copy; a gs:// output is written locally, then uploaded.
     in_path = paths.local_copy(args.input) if paths.is_remote(args.input) else Path(args.input)
     if paths.is_remote(args.output):
         paths.check_bucket(args.output)
     if not in_path.is_file():
         raise UsageError(f"--input {in_path}: no such file")
-    try:
-        lines = in_path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line_no = in_path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{in_path}:{line_no}: not valid UTF-8") from None
+    if args.chunk_lines < 1:
+        raise UsageError(f"--chunk-lines must be >= 1, got {args.chunk_lines}")
     model_path = args.model or minilm_dir()
-    loaded = load_pretrained(model_path)
+    loaded = load_pretrained(model_path, compute_dtype=args.dtype)
     tokenizer = load_tokenizer(loaded.path)
     mesh = make_mesh(parse_mesh_arg(args.mesh))
     model = shard_model(loaded.model, mesh)
     encoder = SentenceEncoder(
-        model, tokenizer, pooler=args.pooler, apply_mlp=not args.no_mlp, mesh=mesh,
-        batch_size=args.batch_size, max_length=args.max_length, normalize=args.normalize,
+        model, tokenizer, pooler=args.pooler, apply_mlp=not args.no_mlp, mesh=mesh, batch_size=args.batch_size,
+        max_length=args.max_length, normalize=args.normalize,
     )
-    emb = encoder(lines, progress=True)
-    if paths.is_remote(args.output):
-        with tempfile.TemporaryDirectory(prefix="simcse_encode_") as tmp:
-            np.save(Path(tmp) / "emb.npy", emb)
-            paths.upload_file(Path(tmp) / "emb.npy", args.output)
-    else:
-        np.save(args.output, emb)
-    print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} float32 ({args.pooler} pooler, model {loaded.path})", file=sys.stderr)
+    try:
+        if paths.is_remote(args.output):
+            with tempfile.TemporaryDirectory(prefix="simcse_encode_") as tmp:
+                local, shape = encode_file(encoder, in_path, Path(tmp) / "emb.npy", chunk_lines=args.chunk_lines, progress=True)
+                paths.upload_file(local, args.output)
+            out = args.output
+        else:
+            out, shape = encode_file(encoder, in_path, args.output, chunk_lines=args.chunk_lines, progress=True)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    print(f"wrote {out}: {shape[0]} x {shape[1]} float32 ({args.pooler} pooler, {args.dtype} compute, model {loaded.path})",
+          file=sys.stderr)
     return 0

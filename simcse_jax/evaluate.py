@@ -246,6 +246,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from simcse_jax.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # XLA-CPU's per-batch buffers without page faults (malloc_tuning.py)
     sts_dir = paths.as_path(args.sts_dir) if args.sts_dir else sts.default_sts_dir()
     res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
                    pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,

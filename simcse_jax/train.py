@@ -79,10 +79,9 @@ from simcse_jax.train_step import (
     optim_config,
     state_shardings,
 )
+from simcse_jax.xla_options import compiler_options
 
 MODEL_ALIASES = {"builtin:minilm": minilm_dir}
-# XLA-CPU: oneDNN matmuls for the update's jit only (see TrainConfig.cpu_onednn).
-CPU_ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -229,11 +228,6 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         for folder in ("latest", "best"):
             ckpt_lib.save_tokenizer(ckpt_root / folder, tokenizer)
 
-    def build_step(compiler_options):
-        return make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                               optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
-                               compiler_options=compiler_options)
-
     log = MetricsLog(workdir, enabled=is_lead, truncate_after=start)
     run_changes, free_changes = config_changes
     if run_changes:  # only with allow_config_change: the run's identity changed here, on the record
@@ -243,11 +237,11 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         log.message(f"note: resuming with changed settings: {_listed(free_changes)}")
     # One executable serves the whole run: a batch of another shape is an error, not a silent
     # recompilation.
-    step_options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and jax.devices()[0].platform == "cpu" else None
-    update, compile_info = compile_train_step(build_step, abstract_state, data.abstract_batch(), step_options)
-    if "compiler_options_fallback" in compile_info:
-        log.message(f"note: this jaxlib rejects the oneDNN options ({compile_info['compiler_options_fallback']}); "
-                    f"compiled without them (cpu_onednn=false)")
+    update_fn = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
+                                optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip")
+    update, compile_info = compile_train_step(update_fn, abstract_state, data.abstract_batch(),
+                                              compiler_options(config.cpu_onednn, jax.devices()[0].platform),
+                                              on_fallback=lambda why: log.message(f"note: {why}"))
     log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
                 f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
     evaluator = TrainingEvaluator(config, graphdef, tokenizer, mesh, sts_dir, heldout)

@@ -33,6 +33,7 @@ from simcse_jax.grad_cache import grad_cache_value_and_grad
 from simcse_jax.objective import ObjectiveConfig, num_chunks_for, objective_fn
 from simcse_jax.optim import OptimConfig, global_norm, linear_schedule
 from simcse_jax.sharding import batch_sharding, data_parallel_size, param_shardings
+from simcse_jax.xla_options import compile_with_fallback
 
 
 def _shared_fields(cls, config) -> dict[str, Any]:
@@ -179,28 +180,20 @@ def make_train_step(
     return TrainStep(jitted, mesh)
 
 
-def compile_train_step(build, abstract_state: TrainState, abstract_batch: dict, compiler_options: dict | None = None):
+def compile_train_step(step: TrainStep, abstract_state: TrainState, abstract_batch: dict,
+                       compiler_options: dict | None = None, *, on_fallback=None):
     """Compiles the update ahead of time from abstract arguments, before any batch exists.
 
-    `build(compiler_options) -> TrainStep`. Returns (executable, info) with the compile time, the
-    peak memory per device and the compiler options that took effect: a jaxlib that rejects
-    `compiler_options` (e.g. oneDNN flags it does not know) gets the step without them, and
-    `info["compiler_options_fallback"]` says why.
+    Returns (executable, info) with the compile time, the peak memory per device and the
+    compiler options that took effect: a jaxlib that rejects `compiler_options` (e.g. oneDNN
+    flags it does not know) gets the step without them (`xla_options.compile_with_fallback`;
+    `on_fallback(message)` hears why).
     """
     key = jax.eval_shape(lambda: jax.random.key(0))
-    info: dict[str, Any] = {}
     t0 = time.perf_counter()
-    try:
-        compiled = build(compiler_options).lower(abstract_state, abstract_batch, key).compile()
-    except Exception as e:  # noqa: BLE001 - any rejection of the options; retried without them below
-        if not compiler_options:
-            raise
-        info["compiler_options_fallback"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        compiler_options = None
-        t0 = time.perf_counter()
-        compiled = build(None).lower(abstract_state, abstract_batch, key).compile()
-    info["compile_seconds"] = round(time.perf_counter() - t0, 2)
-    info["compiler_options"] = dict(compiler_options or {})
+    compiled, used = compile_with_fallback(step.lower(abstract_state, abstract_batch, key), compiler_options,
+                                           on_fallback=on_fallback)
+    info: dict[str, Any] = {"compile_seconds": round(time.perf_counter() - t0, 2), "compiler_options": dict(used or {})}
     mem = compiled.memory_analysis()
     if mem is not None:  # per device: arguments + outputs - donated aliases + temporaries
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

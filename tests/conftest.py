@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The persistent compilation cache (on by default in cli.main): one fresh folder per test session,
+# never the developer's ~/.cache.
+os.environ.setdefault("SIMCSE_COMPILE_CACHE", __import__("tempfile").mkdtemp(prefix="simcse-xla-"))
 
 # The loopback GCS server's fixtures (gcs_server, gcs_bucket); importing the module also sets the two
 # variables gcsfs/fsspec read at import, so it comes before anything that may import them.

@@ -42,3 +42,30 @@ def test_encode_bad_input_names_the_line(minilm_dir, tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: encode: {src}:3: not valid UTF-8"
+
+
+def test_streamed_file_equals_the_in_memory_path(tiny_model_dir, train_samples_dir, tmp_path, monkeypatch):
+    from simcse_jax.compile_cache import CACHE_ENV
+    from simcse_jax.encode import SentenceEncoder, count_lines, encode_file
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer
+
+    wiki = (train_samples_dir / "wiki1m_for_simcse.head11914.txt").read_text(encoding="utf-8").splitlines()[:300]
+    lines = wiki[:100] + [""] + wiki[100:]  # an empty line is a row too
+    src = tmp_path / "lines.txt"
+    # CRLF on one line and no newline at the end: both still one row each
+    src.write_bytes(("\n".join(lines[:50]) + "\r\n" + "\n".join(lines[50:])).encode("utf-8"))
+    assert count_lines(src) == len(lines)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "xla"))  # main() below must not use the developer's cache
+
+    encoder = SentenceEncoder(load_pretrained(tiny_model_dir).model, load_tokenizer(tiny_model_dir), pooler="avg", batch_size=32)
+    in_memory = encoder(lines)
+    out, shape = encode_file(encoder, src, tmp_path / "whole", chunk_lines=1000)  # one chunk: the same batches
+    assert out.name == "whole.npy" and shape == in_memory.shape
+    np.testing.assert_array_equal(np.load(out), in_memory)
+    # Chunks of 64 lines: other batches, other padded lengths; rows move by float32 rounding only.
+    assert main(["encode", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(tmp_path / "chunked.npy"),
+                 "--batch-size", "32", "--chunk-lines", "64", "--mesh", "data=8"]) == 0
+    chunked = np.load(tmp_path / "chunked.npy")
+    assert chunked.dtype == np.float32 and chunked.shape == in_memory.shape
+    np.testing.assert_allclose(chunked, in_memory, rtol=1e-5, atol=1e-6)
+    assert not list(tmp_path.glob("*.partial"))
