@@ -457,8 +457,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-sent", type=int, default=None, choices=(2, 3), help="views per example (default: from train_file)")
     p.add_argument("--memory-limit-gib", type=float, default=None, help="per-chip limit instead of the chip's HBM")
     p.add_argument("--max-batch", action="store_true", help="search the largest global batch that fits")
-    p.add_argument("--chunks", default="", metavar="C1,C2,...",
-                   help="with --max-batch: gradient-caching chunk sizes to try besides no caching (global sentences)")
+    p.add_argument("--chunks", default="0", metavar="C1,C2,...",
+                   help="with --max-batch: gradient-caching chunk sizes to search, 0 = no caching (default: 0), e.g. 0,1024")
     p.add_argument("--libtpu-path", default=None,
                    help="folder holding the libtpu package (else $SIMCSE_LIBTPU_PATH, else the installed `plan` extra)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (and max-batch rows) as JSON")
@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         if args.max_batch:
             if limit[0] is None:
                 raise PlanError(f"--max-batch on {canonical}: {limit[1]}")
-            chunks = [0] + [int(c) for c in args.chunks.split(",") if c.strip()]
+            chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
             rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
                                   topology=canonical, log=lambda s: print(s, file=sys.stderr, flush=True))
             for row in rows:  # the full table at each answer, from the compile that verified it
