@@ -476,7 +476,10 @@ def run(args: argparse.Namespace) -> int:
         if args.max_batch:
             if limit[0] is None:
                 raise PlanError(f"--max-batch on {canonical}: {limit[1]}")
-            chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
+            try:
+                chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
+            except ValueError:
+                raise PlanError(f"--chunks {args.chunks!r}: expected sizes like 0,512 (0 = no gradient caching)") from None
             rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
                                   topology=canonical, log=lambda s: print(s, file=sys.stderr, flush=True))
             for row in rows:  # the full table at each answer, from the compile that verified it
