@@ -488,8 +488,16 @@ def run(args: argparse.Namespace) -> int:
             print(format_max_batch(rows, limit[1]))
             result = {"max_batch": rows}
         else:
-            result = make_plan(config, devices, layers=args.layers, num_sent=args.num_sent,
-                               memory_limit_gib=args.memory_limit_gib, topology=canonical)
+            try:
+                result = make_plan(config, devices, layers=args.layers, num_sent=args.num_sent,
+                                   memory_limit_gib=args.memory_limit_gib, topology=canonical)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                # XLA:TPU refuses a program larger than HBM at compile time: that is the answer.
+                print(f"does not fit: the compiler for {canonical} ran out of memory at global batch "
+                      f"{config.global_batch_size}:\n{str(e)[:1500]}\n(--max-batch finds the largest batch that fits)")
+                return 1
             print(format_plan(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,22 @@ def test_collective_bytes_of_a_compiled_all_reduce_and_all_gather():
     assert traffic["all-reduce"]["array_bytes"] >= n * 4
 
 
+def test_a_collective_inside_a_loop_counts_once_per_trip():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    n, trips = 1024, 4
+
+    @jax.jit
+    def f(x):  # a scan over `trips` chunks of rows sharded over d: each trip all-reduces [n] floats
+        return jax.lax.scan(lambda c, xi: (c + jnp.sum(jnp.sin(xi) * c, axis=0), None), jnp.ones((n,)), x)[0]
+
+    x = jax.device_put(jnp.ones((trips, 32, n)), NamedSharding(mesh, P(None, "d")))
+    text = f.lower(x).compile().as_text()
+    assert "while(" in text and count_collectives(text)["distinct"]["all-reduce"] == 1
+    traffic = collective_traffic(text, 8)
+    assert traffic["per_kind"]["all-reduce"]["count"] == trips and traffic["unknown_trip_counts"] == 0
+    assert traffic["per_kind"]["all-reduce"]["array_bytes"] == trips * n * 4
+
+
 def test_topology_names():
     assert parse_topology("v5e-16") == ("tpu", "v5e:4x4")
     assert parse_topology("v4-8") == ("tpu", "v4:2x2x1")  # 8 TensorCores = 4 chips
