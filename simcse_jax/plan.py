@@ -308,7 +308,7 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  fits: {'yes' if m['fits'] else 'NO'}, margin {_mib(m['margin_bytes'])} MiB ({share:.0f} % of the limit)")
     lines += ["", "per chip per step",
               f"  FLOPs (XLA cost analysis)       {plan['flops']:.3e}",
-              f"  HBM bytes accessed              {plan['hbm_bytes_accessed']:.3e}",
+              f"  HBM bytes (XLA bytes accessed)  {plan['hbm_bytes_accessed']:.3e}",
               "  collectives                     distinct  (HLO instr.)   array MiB    sent MiB"]
     for kind, v in c["per_kind"].items():
         if v["count"] or c["instructions"][kind]:

@@ -16,6 +16,12 @@ i.e. the step is assumed to overlap all three perfectly and to run each at its p
 are slower (latency of small ops, imperfect overlap, collectives not spread over every link), so
 sentences/s = global batch / step is an upper bound, and so is the MFU it implies:
 MFU <= compute / step (1.0 exactly when the step is compute-bound).
+
+The inputs are XLA's own estimates, so the bound is only as tight as they are: `flops` counts
+the program's operations (the model's matmuls plus everything else XLA runs), and `hbm_bytes`
+is the cost analysis' "bytes accessed", the operands and outputs of every top-level fusion at
+their full size, which can exceed the traffic the chip really has (an operand read in part, a
+buffer kept in on-chip memory), making the HBM term pessimistic when it is the largest.
 """
 
 from __future__ import annotations

@@ -163,6 +163,11 @@ def test_topology_names():
         devices_for("cpu:64")
 
 
+def test_a_folder_without_libtpu_is_refused_with_the_install_command(tmp_path):
+    with pytest.raises(TopologyError, match=r"holds no libtpu package.*pip install 'simcse-jax\[plan\]'.*libtpu=="):
+        devices_for("v5e:2x2", libtpu_path=str(tmp_path))
+
+
 def _libtpu_available() -> bool:
     path = os.environ.get(LIBTPU_ENV)
     return bool(path and os.path.isdir(os.path.join(path, "libtpu"))) or importlib.util.find_spec("libtpu") is not None
