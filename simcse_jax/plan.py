@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from simcse_jax.config import ConfigError, TrainConfig, load_config, validate
+from simcse_jax.config import TrainConfig, load_config, validate
+from simcse_jax.errors import ConfigError, SimcseError
 from simcse_jax.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
 from simcse_jax.topology import TopologyError, devices_for, ensure_cpu_devices, parse_topology
 
@@ -56,7 +57,7 @@ BUILTIN_MODELS: dict[str, dict] = {
 }
 
 
-class PlanError(RuntimeError):
+class PlanError(SimcseError, RuntimeError):
     """A plan that cannot be made (no model shapes, a compile that failed for another reason than
     memory); the message says why."""
 
@@ -103,10 +104,10 @@ def views_per_example(config: TrainConfig) -> tuple[int, str]:
 
 @dataclasses.dataclass
 class StepSetup:
-    step: object  # train_step.TrainStep
+    build: object  # compiler_options -> train_step.TrainStep (what compile_train_step takes)
+    compiler_options: dict | None
     state: object  # abstract TrainState (ShapeDtypeStructs carrying shardings)
     batch: dict
-    key: object
     mesh: object
     encoder_config: object
     model_source: str
@@ -129,7 +130,8 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
 
     The same construction as `train.train`: mesh, EncoderConfig.from_hf_dict (dropout overrides,
     MLM head with do_mlm), optimizer from optim_config, state shardings, make_train_step with
-    objective_config, skip_nonfinite and the CPU oneDNN options when the config asks for them.
+    objective_config and skip_nonfinite, compiled (`compile_setup`) by the trainer's own
+    `compile_train_step` with the CPU oneDNN options when the config asks for them.
     """
     import jax
     import jax.numpy as jnp
@@ -139,8 +141,8 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     from simcse_jax.objective import MLM_KEYS, REQUIRED_KEYS
     from simcse_jax.optim import make_optimizer
     from simcse_jax.sharding import batch_sharding, make_mesh
-    from simcse_jax.train import CPU_ONEDNN_OPTIONS, objective_config, optim_config
-    from simcse_jax.train_step import TrainState, make_train_step, state_shardings
+    from simcse_jax.train import CPU_ONEDNN_OPTIONS
+    from simcse_jax.train_step import TrainState, make_train_step, objective_config, optim_config, state_shardings
 
     validate(config, num_devices=len(devices), check_files=False)
     mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}, devices=devices)
@@ -165,13 +167,14 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     keys = REQUIRED_KEYS + (MLM_KEYS if config.do_mlm else ())
     shape = (config.global_batch_size, num_sent, config.max_seq_length)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh) for k in keys}
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    on_cpu = devices[0].platform == "cpu"
-    step = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config), optim_config(config, total_steps),
-                           skip_nonfinite=config.on_nonfinite == "skip",
-                           compiler_options=CPU_ONEDNN_OPTIONS if config.cpu_onednn and on_cpu else None)
-    return StepSetup(step=step, state=state, batch=batch, key=key, mesh=mesh, encoder_config=enc_cfg, model_source=source,
+    def build(compiler_options):
+        return make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
+                               optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
+                               compiler_options=compiler_options)
+
+    options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and devices[0].platform == "cpu" else None
+    return StepSetup(build=build, compiler_options=options, state=state, batch=batch, mesh=mesh, encoder_config=enc_cfg,
+                     model_source=source,
                      num_sent=num_sent, num_params=sum(int(x.size) for x in jax.tree.leaves(params)),
                      param_bytes=_shard_bytes(state.params), opt_state_bytes=_shard_bytes(state.opt_state),
                      batch_bytes=_shard_bytes(batch))
@@ -213,10 +216,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def compile_setup(setup: StepSetup):
-    """(compiled, seconds): through the trainer's own `compile_step`."""
-    from simcse_jax.train import compile_step
+    """(compiled, seconds): through the trainer's own `compile_train_step`."""
+    from simcse_jax.train_step import compile_train_step
 
-    compiled, info = compile_step(setup.step, setup.state, setup.batch, setup.key)
+    compiled, info = compile_train_step(setup.build, setup.state, setup.batch, setup.compiler_options)
     return compiled, info["compile_seconds"]
 
 

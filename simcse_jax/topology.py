@@ -21,6 +21,8 @@ import os
 import re
 import sys
 
+from simcse_jax.errors import SimcseError
+
 LIBTPU_ENV = "SIMCSE_LIBTPU_PATH"
 # v4 and v5p chips hold two TensorCores that jax drives as one "megacore" device, as on a real
 # slice; libtpu's default for v4 would give one device per core.
@@ -30,7 +32,7 @@ _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128:
 _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
-class TopologyError(ValueError):
+class TopologyError(SimcseError, ValueError):
     """A topology name that cannot be turned into devices; the message says what to pass."""
 
 

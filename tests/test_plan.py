@@ -3,6 +3,7 @@ the answer by real compiles, the roofline and the collective byte counts follow 
 
 import importlib.util
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,9 @@ from simcse_jax.topology import LIBTPU_ENV, TopologyError, devices_for, parse_to
 
 
 def tiny(model_dir, tmp_path, **changes) -> TrainConfig:
-    base = TrainConfig(model=str(model_dir), compute_dtype="float32", train_file="builtin:docstrings",
+    # A real one-sentence-per-line sample (../shared): the planner reads its kind, the trainer its rows.
+    sample = Path(__file__).resolve().parents[1].parent / "shared/data/train_samples/wiki1m_for_simcse.head11914.txt"
+    base = TrainConfig(model=str(model_dir), compute_dtype="float32", train_file=str(sample),
                        data_cache_dir=str(tmp_path / "cache"), max_seq_length=16, global_batch_size=16, max_steps=1,
                        eval_steps=100, log_every=1, sts_dir=None, do_export=False, do_test_eval=False)
     return base.replace(**changes)
@@ -30,6 +33,7 @@ class StopAfterFirstStep(Exception):
     pass
 
 
+@pytest.mark.slow  # a trainer run (tokenizes 12k sentences) and a planner compile: 30-120 s on 2 busy cores
 @pytest.mark.parametrize("changes", [
     {},
     pytest.param({"mesh_data": 4, "mesh_fsdp": 2, "grad_cache_chunk_size": 8}, marks=pytest.mark.slow),
@@ -37,10 +41,10 @@ class StopAfterFirstStep(Exception):
 def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path, monkeypatch, changes):
     config = tiny(tiny_model_dir, tmp_path, **changes)
     seen = {}
-    trainer_compile = train_lib.compile_step
+    trainer_compile = train_lib.compile_train_step
 
-    def recording_compile(step_fn, state, batch, key):  # the trainer's own compile, observed
-        compiled, info = trainer_compile(step_fn, state, batch, key)
+    def recording_compile(build, state, batch, options=None):  # the trainer's own compile, observed
+        compiled, info = trainer_compile(build, state, batch, options)
         seen["memory"] = memory_of(compiled)
         seen["batch_shape"] = batch["input_ids"].shape
         return compiled, info
@@ -48,7 +52,7 @@ def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path,
     def stop(event, step):
         raise StopAfterFirstStep
 
-    monkeypatch.setattr(train_lib, "compile_step", recording_compile)
+    monkeypatch.setattr(train_lib, "compile_train_step", recording_compile)
     with pytest.raises(StopAfterFirstStep):
         train_lib.train(config, tmp_path / "run", progress=False, callback=stop)
 
