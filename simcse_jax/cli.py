@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "simcse_jax.sweep",
     "simcse_jax.report",
     "simcse_jax.launch_local",
+    "simcse_jax.plan",
 )
 
 

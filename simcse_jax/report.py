@@ -14,6 +14,11 @@ such) and writes to `--out` (default `<first folder>/report`):
 - `memory_vs_batch.png`: peak memory vs global batch, a line with and one per chunk without
   gradient caching.
 
+Planned next to measured: a run folder holding `plan.json` (written by `simcse-jax sweep
+--plan`, i.e. `simcse-jax plan` for that grid point) adds the planned peak memory per device
+and the roofline's sentences/s bound to the table, and as dashed lines to the throughput and
+memory plots, whether or not the run has been trained yet.
+
 Lines: runs that differ in anything besides the batch and its scaled learning rate (a grid key
 such as seed or grad_cache_chunk_size, the device count) are drawn as separate lines, named by
 those differences. A value no run recorded (no STS folder, no memory analysis on the backend)
@@ -29,7 +34,7 @@ import math
 import sys
 from pathlib import Path
 
-from simcse_jax.sweep import PLAN_FILE, RUN_LOG
+from simcse_jax.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN
 
 PLOTS = ("stsb_dev_vs_batch.png", "throughput_vs_batch.png", "memory_vs_batch.png")
 DEV_KEY = "eval/STSBenchmark"
@@ -57,6 +62,9 @@ class RunRecord:
     grad_cache_chunk: int | None = None
     devices: int | None = None
     train_s: float | None = None
+    planned_peak_memory_mib: float | None = None  # plan.json: XLA's peak for the planned topology
+    planned_sentences_per_s: float | None = None  # plan.json: the roofline's upper bound
+    planned_topology: str | None = None
     settings: dict = dataclasses.field(default_factory=dict)  # config.json (what the run trained with)
     dev_curve: list = dataclasses.field(default_factory=list)  # [(step, value)] of DEV_KEY or HELDOUT_KEY
     dev_curve_key: str | None = None
@@ -77,6 +85,15 @@ def read_run(folder: Path, planned: dict | None = None) -> RunRecord:
         for key, attr in (("global_batch_size", "global_batch"), ("grad_cache_chunk_size", "grad_cache_chunk")):
             if getattr(record, attr) is None and key in planned.get("grid", {}):
                 setattr(record, attr, int(planned["grid"][key]))
+    plan = _read_json(folder / RUN_PLAN)
+    if plan is not None:
+        record.planned_peak_memory_mib = plan["memory"]["peak_bytes"] / 2**20
+        record.planned_sentences_per_s = (plan.get("roofline") or {}).get("sentences_per_s")
+        record.planned_topology = plan.get("topology")
+        record.devices = plan.get("devices")
+        record.global_batch = record.global_batch or plan["config"]["global_batch_size"]
+        if record.grad_cache_chunk is None:
+            record.grad_cache_chunk = plan["config"]["grad_cache_chunk_size"]
     results = _read_json(folder / "results.json")
     if results is None:
         if (folder / RUN_LOG).is_file():
@@ -167,8 +184,15 @@ def table_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
                         else f"{r.heldout_alignment:.3f} / {r.heldout_uniformity:.3f}"))
     if has("sts_test_avg"):
         columns.append(("STS test avg", lambda r: _fmt(r.sts_test_avg, ".2f")))
-    columns += [("sentences/s", lambda r: _fmt(r.sentences_per_s, ".1f")), ("compile s", lambda r: _fmt(r.compile_s, ".1f")),
-                ("peak MiB/device", lambda r: _fmt(r.peak_memory_mib, ".0f")),
+    columns.append(("sentences/s", lambda r: _fmt(r.sentences_per_s, ".1f")))
+    if has("planned_sentences_per_s"):
+        columns.append(("planned sentences/s (bound)", lambda r: _fmt(r.planned_sentences_per_s, ",.0f")))
+    columns += [("compile s", lambda r: _fmt(r.compile_s, ".1f")), ("peak MiB/device", lambda r: _fmt(r.peak_memory_mib, ".0f"))]
+    if has("planned_peak_memory_mib"):
+        columns.append(("planned peak MiB/device", lambda r: _fmt(r.planned_peak_memory_mib, ".0f")))
+    if has("planned_topology"):
+        columns.append(("planned for", lambda r: r.planned_topology or "–"))
+    columns += [
                 ("grad cache chunk", lambda r: "off" if r.grad_cache_chunk == 0 else _fmt(r.grad_cache_chunk, "d")),
                 ("devices", lambda r: _fmt(r.devices, "d")), ("train s", lambda r: _fmt(r.train_s, ".0f"))]
     return [c for c, _ in columns], [[f(r) for _, f in columns] for r in records]
@@ -251,14 +275,16 @@ def _batch_axis(ax, batches) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _lines(ax, data: dict, ylabel: str, empty: str, fmt: str = ".1f") -> None:
+def _lines(ax, data: dict, ylabel: str, empty: str, fmt: str = ".1f", planned: dict | None = None) -> None:
+    """One line per series of `data`; `planned` (same shape) dashed beside them, labelled so."""
+    data = {**data, **{f"planned: {label}": points for label, points in (planned or {}).items()}}
     if not data:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         return
     for label, points in data.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, "o-", label=label)
+        ax.plot(xs, ys, "s--" if label.startswith("planned: ") else "o-", label=label)
         for x, y in points:
             ax.annotate(format(y, fmt), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     _batch_axis(ax, [x for points in data.values() for x, _ in points])
@@ -304,7 +330,8 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
     panels = 2 if len(device_counts) > 1 else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     _lines(axes[0][0], series(records, "sentences_per_s", always=("devices",)), "sentences / s (median over logs)",
-           "no throughput recorded (runs too short to log twice?)")
+           "no throughput recorded (runs too short to log twice?)",
+           planned=series(records, "planned_sentences_per_s", always=("devices",)))
     axes[0][0].set_title("throughput vs global batch")
     if panels == 2:
         ax = axes[0][1]
@@ -332,7 +359,8 @@ def plot_memory(records: list[RunRecord], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     _lines(ax, series(records, "peak_memory_mib", always=("grad_cache_chunk_size",)), "update step peak memory per device (MiB)",
-           "no peak memory recorded\n(the backend gave no memory analysis)", ".0f")
+           "no peak memory recorded\n(the backend gave no memory analysis)", ".0f",
+           planned=series(records, "planned_peak_memory_mib", always=("grad_cache_chunk_size",)))
     chunks = {r.grad_cache_chunk for r in records if r.peak_memory_mib is not None}
     note = "" if not chunks or (any(chunks) and 0 in chunks) else (
         "\n(no grad-cache runs: add --grid grad_cache_chunk_size=0,N)" if not any(chunks) else "\n(no runs without grad cache)")

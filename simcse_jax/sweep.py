@@ -19,6 +19,12 @@ is printed (for a cluster queue; `--launcher` formats them for `launch/slurm.sh`
 `launch/tpu_pod.sh`). Either way `DIR/sweep.json` records the plan, which `simcse-jax report`
 reads beside the runs' results.
 
+With `--plan --topology v5e:4x4` nothing is trained either: each grid point is planned by
+`simcse-jax plan` (its update step compiled ahead of time for that topology, see plan.py) in its
+own subprocess, writing `DIR/<run>/plan.json` (memory per chip and whether it fits, FLOPs,
+collectives, the roofline's step time and sentences/s); a point already planned is skipped. The
+report then shows planned next to measured figures where a run has both.
+
 Every grid and `--set` value is parsed by the config's declared type before anything starts
 (an unknown key is an error that names it). This process never imports jax: on a GPU it would
 take the memory the runs need. Checks that need the device count run in each training process;
@@ -46,6 +52,8 @@ from simcse_jax.config import ConfigError, TrainConfig, load_config, parse_value
 LR_SCALING = ("none", "linear", "sqrt")
 PLAN_FILE = "sweep.json"
 RUN_LOG = "train.log"
+RUN_PLAN = "plan.json"  # `simcse-jax plan --json` of the run's grid point (sweep --plan)
+PLAN_LOG = "plan.log"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")  # what may appear in a run folder's name
 
 
@@ -201,6 +209,55 @@ def run_locally(config_spec: str, runs: list[Run], *, python: str = sys.executab
     return status
 
 
+def plan_argv(config_spec: str, run: Run, topology: str, extra: list[str] = ()) -> list[str]:
+    """The run's `plan` arguments: its config and overrides, compiled for `topology`."""
+    argv = ["plan", "--config", config_spec, "--topology", topology, "--json", str(Path(run.workdir) / RUN_PLAN)]
+    for item in run.overrides:
+        argv += ["--set", item]
+    return argv + list(extra)
+
+
+def plan_locally(config_spec: str, runs: list[Run], topology: str, *, extra: list[str] = (), python: str = sys.executable,
+                 env: dict | None = None, out=None) -> dict[str, str]:
+    """Plans the runs in sequence (`simcse-jax plan` subprocesses logging to `<run>/plan.log`);
+    returns {run name: 'planned' | 'skipped (...)' | 'failed (...)'} and prints one line per run."""
+    out = out or sys.stdout
+    todo = [r for r in runs if r.skipped is None]
+    status = {}
+    for i, run in enumerate(todo, 1):
+        head = f"[{i}/{len(todo)}] {run.name}"
+        plan_file = Path(run.workdir) / RUN_PLAN
+        if plan_file.is_file():
+            status[run.name] = "skipped (plan.json exists)"
+            print(f"{head}: already planned, {_plan_summary(plan_file)}", file=out, flush=True)
+            continue
+        Path(run.workdir).mkdir(parents=True, exist_ok=True)
+        log = Path(run.workdir) / PLAN_LOG
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            rc = subprocess.run([python, "-m", "simcse_jax.cli", *plan_argv(config_spec, run, topology, extra)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if rc == 0 and plan_file.is_file():
+            status[run.name] = "planned"
+            print(f"{head}: planned in {time.perf_counter() - t0:.0f} s, {_plan_summary(plan_file)}", file=out, flush=True)
+        else:
+            status[run.name] = f"failed (exit {rc})"
+            print(f"{head}: plan FAILED (exit {rc}): {_last_line(log)}", file=out, flush=True)
+    return status
+
+
+def _plan_summary(plan_file: Path) -> str:
+    p = json.loads(plan_file.read_text())
+    m = p["memory"]
+    parts = [f"peak {m['peak_bytes'] / 2**20:,.0f} MiB per chip"]
+    if m.get("fits") is not None:
+        parts.append(f"{'fits' if m['fits'] else 'DOES NOT FIT'} ({m['limit_source']} {m['limit_bytes'] / 2**20:,.0f} MiB)")
+    if p.get("roofline"):
+        r = p["roofline"]
+        parts.append(f"step >= {r['step_s'] * 1e3:.2f} ms ({r['bound']}-bound), <= {r['sentences_per_s']:,.0f} sentences/s")
+    return ", ".join(parts)
+
+
 def _completed(results: Path) -> bool:
     try:
         return json.loads(results.read_text()).get("status") == "completed"
@@ -244,6 +301,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field in every run (repeatable)")
     p.add_argument("--emit-commands", action="store_true", help="print one shell command per run instead of training")
+    p.add_argument("--plan", action="store_true",
+                   help="train nothing: plan every run for --topology (simcse-jax plan) into <run>/plan.json")
+    p.add_argument("--topology", default=None, help="with --plan: e.g. v5e:4x4, v5e-16, cpu:8")
+    p.add_argument("--plan-args", default="", metavar="ARGS",
+                   help="with --plan: more `simcse-jax plan` options for every run, e.g. '--layers 2 --libtpu-path DIR'")
     p.add_argument("--launcher", default=None, metavar="CMD",
                    help="with --emit-commands: format each run as CONFIG=.. WORKDIR=.. EXTRA_ARGS=.. CMD "
                         "(e.g. 'sbatch --nodes=2 launch/slurm.sh')")
@@ -271,6 +333,15 @@ def run(args: argparse.Namespace) -> int:
               "base_batch_size": args.base_batch_size, "overrides": list(args.overrides),
               "base_learning_rate": load_config(args.config, args.overrides).learning_rate}
     write_plan(Path(args.workdir) / PLAN_FILE, record, runs, commands)
+    if args.plan:
+        if not args.topology:
+            print("error: --plan needs --topology (e.g. v5e:4x4 or cpu:8)", file=sys.stderr)
+            return 2
+        status = plan_locally(args.config, runs, args.topology, extra=shlex.split(args.plan_args))
+        failed = [n for n, s in status.items() if s.startswith("failed")]
+        print(f"sweep --plan: {len(status) - len(failed)}/{len(status)} runs planned for {args.topology}; "
+              f"`simcse-jax report {args.workdir}` for the table", flush=True)
+        return 1 if failed else 0
     if args.emit_commands:
         for c in commands:
             if c is not None:

@@ -1,0 +1,221 @@
+"""`simcse-jax plan`: the planner compiles the trainer's own step, its max-batch search brackets
+the answer by real compiles, the roofline and the collective byte counts follow their formulas."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from simcse_jax import train as train_lib
+from simcse_jax.config import TrainConfig
+from simcse_jax.hlo_collectives import collective_traffic, count_collectives
+from simcse_jax.plan import build_step, compile_setup, make_plan, memory_of, plan_max_batch, search_max_batch
+from simcse_jax.roofline import CHIPS, ChipSpec, roofline
+from simcse_jax.topology import LIBTPU_ENV, TopologyError, devices_for, parse_topology
+
+
+def tiny(model_dir, tmp_path, **changes) -> TrainConfig:
+    # A real one-sentence-per-line sample (../shared): the planner reads its kind, the trainer its rows.
+    sample = Path(__file__).resolve().parents[1].parent / "shared/data/train_samples/wiki1m_for_simcse.head11914.txt"
+    base = TrainConfig(model=str(model_dir), compute_dtype="float32", train_file=str(sample),
+                       data_cache_dir=str(tmp_path / "cache"), max_seq_length=16, global_batch_size=16, max_steps=1,
+                       eval_steps=100, log_every=1, sts_dir=None, do_export=False, do_test_eval=False)
+    return base.replace(**changes)
+
+
+class StopAfterFirstStep(Exception):
+    pass
+
+
+@pytest.mark.slow  # a trainer run (tokenizes 12k sentences) and a planner compile: 30-120 s on 2 busy cores
+@pytest.mark.parametrize("changes", [
+    {},
+    pytest.param({"mesh_data": 4, "mesh_fsdp": 2, "grad_cache_chunk_size": 8}, marks=pytest.mark.slow),
+], ids=["data8", "data4-fsdp2-gradcache"])
+def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path, monkeypatch, changes):
+    config = tiny(tiny_model_dir, tmp_path, **changes)
+    seen = {}
+    trainer_compile = train_lib.compile_train_step
+
+    def recording_compile(build, state, batch, options=None):  # the trainer's own compile, observed
+        compiled, info = trainer_compile(build, state, batch, options)
+        seen["memory"] = memory_of(compiled)
+        seen["batch_shape"] = batch["input_ids"].shape
+        return compiled, info
+
+    def stop(event, step):
+        raise StopAfterFirstStep
+
+    monkeypatch.setattr(train_lib, "compile_train_step", recording_compile)
+    with pytest.raises(StopAfterFirstStep):
+        train_lib.train(config, tmp_path / "run", progress=False, callback=stop)
+
+    plan = make_plan(config, jax.devices()[:8], topology="cpu:8")
+    m = plan["memory"]
+    assert (plan["config"]["global_batch_size"], plan["num_sent"], config.max_seq_length) == seen["batch_shape"]
+    trainer = seen["memory"]
+    assert (m["argument_bytes"], m["output_bytes"], m["alias_bytes"], m["temp_bytes"]) == (
+        trainer.argument_bytes, trainer.output_bytes, trainer.alias_bytes, trainer.temp_bytes)
+    assert m["peak_bytes"] == trainer.peak_bytes
+    # The donated state aliases its outputs; parameters + optimizer state are inside the arguments.
+    assert m["alias_bytes"] > 0 and m["parameters_bytes"] + m["optimizer_state_bytes"] <= m["argument_bytes"]
+    assert plan["flops"] > 0 and plan["collectives"]["per_kind"]["all-reduce"]["count"] > 0
+
+
+@pytest.mark.slow  # ~8 compiles: 40-120 s on the 2-core CI machine
+def test_max_batch_fits_and_the_next_candidate_does_not(tiny_model_dir, tmp_path):
+    config = tiny(tiny_model_dir, tmp_path, max_seq_length=8)
+    devices = jax.devices()[:8]
+
+    def needed(batch):
+        setup = build_step(config.replace(global_batch_size=batch), devices, layers=1)
+        return memory_of(compile_setup(setup)[0]).needed_bytes
+
+    # An artificial per-device limit between the needs of batch 16 and batch 64.
+    limit = (needed(16) + needed(64)) // 2
+    (row,) = plan_max_batch(config, devices, chunks=[0], limit=(limit, "test"), layers=1)
+    best, step = row["max_global_batch"], row["step"]
+    assert step == 8 and best % step == 0 and 16 <= best < 64
+    # Both ends were compiled: the answer within the limit, the next candidate above it.
+    assert row["needed_bytes"] <= limit < row["next_needed_bytes"]
+    assert row["plans"][str(best)]["memory"]["fits"] and not row["plans"][str(best + step)]["memory"]["fits"]
+    assert needed(best + step) == row["next_needed_bytes"]  # the search's probe is the plain compile's figure
+
+
+def test_max_batch_search_brackets_on_the_grid_and_handles_refused_compiles():
+    calls = []
+
+    def needed(b):  # memory = 100 + 3 b bytes; the "compiler" refuses batches from 600 on
+        calls.append(b)
+        return None if b >= 600 else 100 + 3 * b
+
+    for limit, expected in ((1000, 296), (1900, 592), (50, None), (124, 8)):
+        calls.clear()
+        best, probes = search_max_batch(needed, 8, limit, start=64)
+        assert best == expected, (limit, probes)
+        if best is not None:
+            assert probes[best] <= limit and (probes[best + 8] is None or probes[best + 8] > limit)
+        assert len(calls) == len(set(calls)) <= 12
+
+
+def test_roofline_by_hand():
+    chip = ChipSpec("test", "test chip", hbm_bytes=16 * 2**30, peak_flops_per_s=1e14, hbm_bytes_per_s=1e12,
+                    ici_bytes_per_s=1e11)
+    # compute 5e11 / 1e14 = 5 ms, HBM 8e9 / 1e12 = 8 ms, ICI 2e8 / 1e11 = 2 ms -> 8 ms, HBM-bound.
+    r = roofline(flops=5e11, hbm_bytes=8e9, ici_bytes=2e8, chip=chip)
+    assert (r.compute_s, r.hbm_s, r.ici_s) == pytest.approx((5e-3, 8e-3, 2e-3))
+    assert r.step_s == pytest.approx(8e-3) and r.bound == "HBM"
+    assert r.mfu_bound == pytest.approx(5 / 8)
+    assert r.sentences_per_s(512) == pytest.approx(512 / 8e-3)
+    r = roofline(flops=5e11, hbm_bytes=1e9, ici_bytes=9e8, chip=chip)  # ICI 9 ms
+    assert r.bound == "ICI" and r.step_s == pytest.approx(9e-3)
+    assert CHIPS["v5e"].peak_flops_per_s == 197e12 and CHIPS["v5e"].device_kind == "TPU v5 lite"
+
+
+def test_collective_bytes_of_a_compiled_all_reduce_and_all_gather():
+    devices = np.array(jax.devices()[:8])
+    mesh = jax.sharding.Mesh(devices, ("d",))
+    n = 1024
+
+    @jax.jit
+    def f(x):  # x rows sharded over d: the sum over rows all-reduces [n] floats; x.T all-gathers x
+        return jnp.sum(x, axis=0), jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh, P()))
+
+    x = jax.device_put(jnp.ones((8 * 4, n), jnp.float32), NamedSharding(mesh, P("d")))
+    text = f.lower(x).compile().as_text()
+    counts = count_collectives(text)
+    traffic = collective_traffic(text, 8)["per_kind"]
+    assert counts["distinct"]["all-reduce"] >= 1 and counts["distinct"]["all-gather"] >= 1
+    # The all-gather's full array is the replicated [32, n] float32 result.
+    assert traffic["all-gather"]["array_bytes"] == 32 * n * 4
+    assert traffic["all-gather"]["sent_bytes"] == pytest.approx(7 / 8 * 32 * n * 4)
+    assert traffic["all-reduce"]["sent_bytes"] == pytest.approx(2 * 7 / 8 * traffic["all-reduce"]["array_bytes"])
+    assert traffic["all-reduce"]["array_bytes"] >= n * 4
+
+
+def test_a_collective_inside_a_loop_counts_once_per_trip():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    n, trips = 1024, 4
+
+    @jax.jit
+    def f(x):  # a scan over `trips` chunks of rows sharded over d: each trip all-reduces [n] floats
+        return jax.lax.scan(lambda c, xi: (c + jnp.sum(jnp.sin(xi) * c, axis=0), None), jnp.ones((n,)), x)[0]
+
+    x = jax.device_put(jnp.ones((trips, 32, n)), NamedSharding(mesh, P(None, "d")))
+    text = f.lower(x).compile().as_text()
+    assert "while(" in text and count_collectives(text)["distinct"]["all-reduce"] == 1
+    traffic = collective_traffic(text, 8)
+    assert traffic["per_kind"]["all-reduce"]["count"] == trips and traffic["unknown_trip_counts"] == 0
+    assert traffic["per_kind"]["all-reduce"]["array_bytes"] == trips * n * 4
+
+
+def test_topology_names():
+    assert parse_topology("v5e-16") == ("tpu", "v5e:4x4")
+    assert parse_topology("v4-8") == ("tpu", "v4:2x2x1")  # 8 TensorCores = 4 chips
+    assert parse_topology("v5p-8") == ("tpu", "v5p:2x2x1")
+    assert parse_topology("v5e:8x8") == ("tpu", "v5e:8x8")
+    assert parse_topology("cpu:8") == ("cpu", "cpu:8")
+    with pytest.raises(TopologyError, match="v5e:4x4"):
+        parse_topology("tpu-16")
+    with pytest.raises(TopologyError, match="has 8 CPU devices"):
+        devices_for("cpu:64")
+
+
+def test_a_folder_without_libtpu_is_refused_with_the_install_command(tmp_path):
+    with pytest.raises(TopologyError, match=r"holds no libtpu package.*pip install 'simcse-jax\[plan\]'.*libtpu=="):
+        devices_for("v5e:2x2", libtpu_path=str(tmp_path))
+
+
+def _libtpu_available() -> bool:
+    path = os.environ.get(LIBTPU_ENV)
+    return bool(path and os.path.isdir(os.path.join(path, "libtpu"))) or importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _libtpu_available(), reason=(
+    "libtpu is not installed: the TPU compile needs the `plan` extra (pip install -e '.[plan]', a 213 MB wheel, kept "
+    f"out of CI's default install) or a folder in ${LIBTPU_ENV} (pip install --no-deps --target DIR 'libtpu==<jax's pin>')"))
+def test_two_layer_model_plans_on_v5e_2x2(tmp_path):
+    config = TrainConfig(model="bert-base-uncased", compute_dtype="bfloat16", train_file="data/wiki1m_for_simcse.txt",
+                         max_seq_length=32, global_batch_size=64, mlp_only_train=True)
+    plan = make_plan(config, devices_for("v5e:2x2"), layers=2, topology="v5e:2x2")
+    assert plan["devices"] == 4 and plan["device_kind"] == "TPU v5 lite" and plan["layers"] == 2
+    assert plan["memory"]["fits"] and plan["memory"]["limit_bytes"] == CHIPS["v5e"].hbm_bytes
+    assert plan["collectives"]["per_kind"]["all-reduce"]["count"] > 0 and plan["collectives"]["total_sent_bytes"] > 0
+    assert plan["roofline"]["step_s"] > 0 and 0 < plan["roofline"]["mfu_bound"] <= 1
+
+
+@pytest.mark.slow  # two `simcse-jax plan` subprocesses (~15-40 s each on the 2-core CI machine)
+def test_sweep_plan_writes_a_plan_per_point_and_the_report_shows_planned_next_to_measured(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from simcse_jax import cli
+
+    workdir = tmp_path / "sw"
+    rc = cli.main(["sweep", "--config", "configs/demo_cpu.py", "--workdir", str(workdir), "--grid", "global_batch_size=16,32",
+                   "--set", f"model={tiny_model_dir}", "--set", "max_seq_length=16", "--plan", "--topology", "cpu:8",
+                   "--plan-args", "--layers 1 --memory-limit-gib 4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    plans = {b: json.loads((workdir / f"global_batch_size={b}" / "plan.json").read_text()) for b in (16, 32)}
+    assert [p["config"]["global_batch_size"] for p in plans.values()] == [16, 32]
+    assert plans[32]["memory"]["peak_bytes"] > plans[16]["memory"]["peak_bytes"] and plans[16]["memory"]["fits"]
+    assert "fits" in out and not any((workdir / f"global_batch_size={b}" / "results.json").exists() for b in (16, 32))
+    # One point trained since (its results.json as the trainer writes it): planned beside measured.
+    (workdir / "global_batch_size=16" / "results.json").write_text(json.dumps(
+        {"status": "completed", "steps": 5, "global_batch_size": 16, "devices": 8, "sentences_per_s": 40.0,
+         "step_peak_memory_mib": 30.0}))
+    assert cli.main(["report", str(workdir)]) == 0
+    table = capsys.readouterr().out
+    assert "planned peak MiB/device" in table and "planned for" in table and "cpu:8" in table
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    rows = {r["global_batch"]: r for r in report["runs"]}
+    assert rows[16]["peak_memory_mib"] == 30.0 and rows[16]["status"] == "completed"
+    for b in (16, 32):
+        assert rows[b]["planned_peak_memory_mib"] == pytest.approx(plans[b]["memory"]["peak_bytes"] / 2**20)
