@@ -104,7 +104,7 @@ def views_per_example(config: TrainConfig) -> tuple[int, str]:
 
 @dataclasses.dataclass
 class StepSetup:
-    build: object  # compiler_options -> train_step.TrainStep (what compile_train_step takes)
+    build: object  # the train_step.TrainStep (what compile_train_step takes)
     compiler_options: dict | None
     state: object  # abstract TrainState (ShapeDtypeStructs carrying shardings)
     batch: dict
@@ -141,8 +141,8 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     from simcse_jax.objective import MLM_KEYS, REQUIRED_KEYS
     from simcse_jax.optim import make_optimizer
     from simcse_jax.sharding import batch_sharding, make_mesh
-    from simcse_jax.train import CPU_ONEDNN_OPTIONS
     from simcse_jax.train_step import TrainState, make_train_step, objective_config, optim_config, state_shardings
+    from simcse_jax.xla_options import compiler_options
 
     validate(config, num_devices=len(devices), check_files=False)
     mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}, devices=devices)
@@ -167,12 +167,9 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     keys = REQUIRED_KEYS + (MLM_KEYS if config.do_mlm else ())
     shape = (config.global_batch_size, num_sent, config.max_seq_length)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh) for k in keys}
-    def build(compiler_options):
-        return make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                               optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
-                               compiler_options=compiler_options)
-
-    options = CPU_ONEDNN_OPTIONS if config.cpu_onednn and devices[0].platform == "cpu" else None
+    build = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
+                            optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip")
+    options = compiler_options(config.cpu_onednn, devices[0].platform)
     return StepSetup(build=build, compiler_options=options, state=state, batch=batch, mesh=mesh, encoder_config=enc_cfg,
                      model_source=source,
                      num_sent=num_sent, num_params=sum(int(x.size) for x in jax.tree.leaves(params)),

@@ -43,8 +43,8 @@ def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path,
     seen = {}
     trainer_compile = train_lib.compile_train_step
 
-    def recording_compile(build, state, batch, options=None):  # the trainer's own compile, observed
-        compiled, info = trainer_compile(build, state, batch, options)
+    def recording_compile(step, state, batch, options=None, **kwargs):  # the trainer's own compile, observed
+        compiled, info = trainer_compile(step, state, batch, options, **kwargs)
         seen["memory"] = memory_of(compiled)
         seen["batch_shape"] = batch["input_ids"].shape
         return compiled, info
