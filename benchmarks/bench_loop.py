@@ -12,8 +12,9 @@ is the median per-round ratio loop_rate / bare_rate (1.0: the loop adds nothing)
 - trainer: `train()` with `log_every` = `--log-every`, no evaluation, export or intermediate
   save; its rate is what the trainer itself logs (`steps_per_s` between log steps), the
   median over the log intervals after the first.
-- bare: `make_train_step` + ahead-of-time compile with the same config, the batches taken from
-  the same data iterator and placed beforehand, then `for ...: state, meas = step(state, b, k)`
+- bare: `make_train_step` + ahead-of-time compile with the same config and compiler options
+  (`--cpu-onednn`, the default, or `--no-cpu-onednn`, for both loops), the batches taken from
+  the same data iterator and placed beforehand, then `for ...: state, meas = step(state, b, key)`
   and one `block_until_ready` at the end.
 
 `--baseline-rev REV` measures the trainer of another commit the same way (its package is
@@ -70,6 +71,7 @@ def worker(args) -> None:
         model=args.model_dir, train_file=str(WIKI), data_cache_dir=args.cache, pooler="cls", mlp_only_train=True,
         global_batch_size=args.batch, learning_rate=1e-5, max_steps=args.steps, log_every=args.log_every,
         eval_steps=10**6, save_steps=10**6, sts_dir=None, do_export=False, do_test_eval=False, async_checkpointing=False,
+        cpu_onednn=args.cpu_onednn,
     )
     if args.kind == "trainer":
         from simcse_jax.train import train
@@ -87,6 +89,7 @@ def worker(args) -> None:
     from simcse_jax.optim import make_optimizer
     from simcse_jax.sharding import make_mesh
     from simcse_jax.train_step import init_train_state, make_train_step, objective_config, optim_config
+    from simcse_jax.xla_options import compile_with_fallback, compiler_options
 
     mesh = make_mesh({"data": -1})
     tokenizer = load_tokenizer(args.model_dir)
@@ -95,27 +98,31 @@ def worker(args) -> None:
     optim = optim_config(config, args.steps)
     optimizer = make_optimizer(optim)
     graphdef, state, shardings = init_train_state(load_pretrained(args.model_dir).model, optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config), optim)
+    # As the trainer builds it: the step derives its dropout key from the base key and its counter.
+    step = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config), optim, fold_in_step=True)
     batches = [next(data) for _ in range(args.steps)]
     key = jax.random.key(0)
-    compiled = step.lower(state, batches[0], key).compile()
-    keys = [jax.random.fold_in(key, s) for s in range(args.steps)]
+    # The trainer's executable: the same compiler options (oneDNN on CPU unless --no-cpu-onednn).
+    options = compiler_options(config.cpu_onednn, jax.devices()[0].platform)
+    compiled, _ = compile_with_fallback(step.lower(state, batches[0], key), options)
     warm = args.log_every  # as the trainer's first (excluded) interval
     for s in range(warm):
-        state, meas = compiled(state, batches[s], keys[s])
+        state, meas = compiled(state, batches[s], key)
     jax.block_until_ready((state, meas))
     t0 = time.perf_counter()
     for s in range(warm, args.steps):
-        state, meas = compiled(state, batches[s], keys[s])
+        state, meas = compiled(state, batches[s], key)
     jax.block_until_ready((state, meas))
     print(json.dumps({"rate": (args.steps - warm) / (time.perf_counter() - t0)}))
 
 
-def measure(kind: str, model_dir: str, batch: int, steps: int, log_every: int, cache: str, package_root: Path) -> float:
+def measure(kind: str, model_dir: str, batch: int, steps: int, log_every: int, cache: str, package_root: Path,
+            cpu_onednn: bool) -> float:
     env = {**os.environ, "PYTHONPATH": str(package_root), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one CPU device
     cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", model_dir, "--batch", str(batch),
-           "--steps", str(steps), "--log-every", str(log_every), "--cache", cache]
+           "--steps", str(steps), "--log-every", str(log_every), "--cache", cache,
+           "--cpu-onednn" if cpu_onednn else "--no-cpu-onednn"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=package_root, timeout=1800)
     if res.returncode:
         raise RuntimeError(f"{kind} run failed:\n{res.stderr[-3000:]}")
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--minilm-steps", type=int, default=24)
     p.add_argument("--log-every", type=int, default=0, help="default: steps / 8")
     p.add_argument("--baseline-rev", default=None, help="also measure the trainer of this git revision")
+    p.add_argument("--cpu-onednn", action=argparse.BooleanOptionalAction, default=True,
+                   help="the update step's oneDNN options, for the trainers (config key cpu_onednn) and the bare loop alike")
     p.add_argument("--worker", choices=("trainer", "bare"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
@@ -171,8 +180,9 @@ def main(argv=None) -> int:
                 for kind in order:
                     root = loops.get(kind, REPO)
                     rates[kind].append(measure("bare" if kind == "bare" else "trainer", model_dir, batch, steps, log_every,
-                                               cache, root))
-            tag = {"model": name, "global_batch_size": batch, "steps": steps, "log_every": log_every, "rounds": args.rounds}
+                                               cache, root, args.cpu_onednn))
+            tag = {"model": name, "global_batch_size": batch, "steps": steps, "log_every": log_every, "rounds": args.rounds,
+                   "cpu_onednn": args.cpu_onednn}
             emit("bare_loop_rate", round(statistics.median(rates["bare"]), 3), "steps/s", **tag)
             for kind in loops:
                 ratios = [a / b for a, b in zip(rates[kind], rates["bare"])]

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -130,18 +131,17 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
 
     The same construction as `train.train`: mesh, EncoderConfig.from_hf_dict (dropout overrides,
     MLM head with do_mlm), optimizer from optim_config, state shardings, make_train_step with
-    objective_config and skip_nonfinite, compiled (`compile_setup`) by the trainer's own
+    objective_config, skip_nonfinite and the in-step dropout key, compiled (`compile_setup`) by the trainer's own
     `compile_train_step` with the CPU oneDNN options when the config asks for them.
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from simcse_jax.encoder import Encoder, EncoderConfig
+    from simcse_jax.encoder import EncoderConfig
     from simcse_jax.objective import MLM_KEYS, REQUIRED_KEYS
     from simcse_jax.optim import make_optimizer
     from simcse_jax.sharding import batch_sharding, make_mesh
-    from simcse_jax.train_step import TrainState, make_train_step, objective_config, optim_config, state_shardings
+    from simcse_jax.train_step import abstract_train_state, dropout_overrides, make_train_step, objective_config, optim_config
     from simcse_jax.xla_options import compiler_options
 
     validate(config, num_devices=len(devices), check_files=False)
@@ -149,17 +149,13 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     hf, source = model_config(config.model)
     if layers is not None:
         hf = {**hf, "num_hidden_layers": layers}
-    dropouts = ("hidden_dropout_prob", "attention_probs_dropout_prob")
-    overrides = {k: getattr(config, k) for k in dropouts if getattr(config, k) is not None}
-    enc_cfg = EncoderConfig.from_hf_dict(hf, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
+    enc_cfg = EncoderConfig.from_hf_dict(hf, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm,
+                                         **dropout_overrides(config))
     # The schedule's length only sets constants inside the step; it changes neither memory nor cost.
     total_steps = config.max_steps if config.max_steps > 0 else 1000
     optimizer = make_optimizer(optim_config(config, total_steps))
-    abstract_model = nnx.eval_shape(lambda: Encoder(enc_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract_model, nnx.Param)
-    shardings = state_shardings(params, optimizer, mesh)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=jax.eval_shape(optimizer.init, params))
+    _, graphdef, abstract, shardings = abstract_train_state(enc_cfg, optimizer, mesh)
+    params = abstract.params
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     if num_sent is None:
         num_sent, _ = views_per_example(config)
@@ -168,7 +164,8 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
     shape = (config.global_batch_size, num_sent, config.max_seq_length)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh) for k in keys}
     build = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                            optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip")
+                            optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
+                            fold_in_step=True)
     options = compiler_options(config.cpu_onednn, devices[0].platform)
     return StepSetup(build=build, compiler_options=options, state=state, batch=batch, mesh=mesh, encoder_config=enc_cfg,
                      model_source=source,
@@ -212,6 +209,25 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
 
 
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def refused_bytes(error: BaseException) -> int | None:
+    """What the compiler says a refused program needs, from XLA:TPU's "Ran out of memory in memory
+    space hbm. Used 17.28G of 15.75G hbm." or (libtpu 0.0.42) "the total memory required for HLO
+    temporaries (42.56G) exceeds available HBM" (binary units; the second counts temporaries
+    only); None when the message gives no figure."""
+    text = str(error)
+    m = (re.search(r"Used ([0-9.]+)([KMGT]?)B? of [0-9.]+[KMGT]?B? hbm", text)
+         or re.search(r"total memory required for HLO temporaries \(([0-9.]+)([KMGT]?)B?\) exceeds", text))
+    return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class Refused(int):
+    """A probe the compiler refused for lack of memory, carrying the bytes it reported it needed:
+    never a fit, but a point the search can interpolate through."""
+
+
 def compile_setup(setup: StepSetup):
     """(compiled, seconds): through the trainer's own `compile_train_step`."""
     from simcse_jax.train_step import compile_train_step
@@ -240,7 +256,7 @@ def make_plan(config: TrainConfig, devices: list, *, layers: int | None = None, 
 def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *, limit: tuple[int | None, str],
              topology: str) -> dict:
     """The plan of one compiled step (see the module docstring) as a JSON-able dict."""
-    from simcse_jax.hlo_collectives import collective_traffic, count_collectives
+    from simcse_jax.hlo_collectives import collective_traffic, count_collectives, loop_trip_counts
     from simcse_jax.sharding import data_parallel_size
 
     devices = list(setup.mesh.devices.flat)
@@ -266,13 +282,17 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
                    "fits": None if limit is None else mem.needed_bytes <= limit,
                    "margin_bytes": None if limit is None else limit - mem.needed_bytes},
         "flops": float(cost.get("flops", 0.0)), "hbm_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        # XLA counts a loop body once: with gradient caching's loops the FLOPs and bytes above are
+        # lower bounds (the roofline's step time stays a valid, looser, lower bound; no MFU).
+        "cost_loop_trip_counts": loop_trip_counts(text),
         "collectives": {**count_collectives(text), **traffic},
         "roofline": None,
     }
     if chip is not None:
         r = roofline(plan["flops"], plan["hbm_bytes_accessed"], traffic["total_sent_bytes"], chip)
         plan["roofline"] = {"chip": dataclasses.asdict(chip), "compute_s": r.compute_s, "hbm_s": r.hbm_s, "ici_s": r.ici_s,
-                            "step_s": r.step_s, "bound": r.bound, "mfu_bound": r.mfu_bound,
+                            "step_s": r.step_s, "bound": r.bound,
+                            "mfu_bound": None if plan["cost_loop_trip_counts"] else r.mfu_bound,
                             "sentences_per_s": r.sentences_per_s(config.global_batch_size)}
     return plan
 
@@ -306,9 +326,11 @@ def format_plan(plan: dict) -> str:
     if m["fits"] is not None:
         share = 100 * m["margin_bytes"] / m["limit_bytes"]
         lines.append(f"  fits: {'yes' if m['fits'] else 'NO'}, margin {_mib(m['margin_bytes'])} MiB ({share:.0f} % of the limit)")
+    loops = plan.get("cost_loop_trip_counts") or []
+    at_least = ">= " if loops else ""
     lines += ["", "per chip per step",
-              f"  FLOPs (XLA cost analysis)       {plan['flops']:.3e}",
-              f"  HBM bytes (XLA bytes accessed)  {plan['hbm_bytes_accessed']:.3e}",
+              f"  FLOPs (XLA cost analysis)       {at_least}{plan['flops']:.3e}",
+              f"  HBM bytes (XLA bytes accessed)  {at_least}{plan['hbm_bytes_accessed']:.3e}",
               "  collectives                     distinct  (HLO instr.)   array MiB    sent MiB"]
     for kind, v in c["per_kind"].items():
         if v["count"] or c["instructions"][kind]:
@@ -323,8 +345,13 @@ def format_plan(plan: dict) -> str:
     else:
         lines += ["", "roofline (step >= max of the three terms; each at the chip's peak, perfectly overlapped)",
                   f"  compute {r['compute_s'] * 1e3:8.3f} ms   HBM {r['hbm_s'] * 1e3:8.3f} ms   ICI {r['ici_s'] * 1e3:8.3f} ms",
-                  f"  step >= {r['step_s'] * 1e3:.3f} ms ({r['bound']}-bound): <= {r['sentences_per_s']:,.0f} sentences/s, "
-                  f"MFU <= {100 * r['mfu_bound']:.0f} %"]
+                  f"  step >= {r['step_s'] * 1e3:.3f} ms ({r['bound']}-bound): <= {r['sentences_per_s']:,.0f} sentences/s"
+                  + (f", MFU <= {100 * r['mfu_bound']:.0f} %" if r["mfu_bound"] is not None else "")]
+        if loops:
+            trips = ", ".join(str(t) if t else "unknown" for t in loops)
+            lines.append(f"  note: XLA's cost analysis counts a loop body once; this step loops (gradient caching; "
+                         f"trip counts {trips}), so FLOPs and HBM bytes are lower bounds, the compute and HBM terms "
+                         f"too: the step bound holds but is loose, and no MFU bound is given")
     return "\n".join(lines)
 
 
@@ -334,16 +361,20 @@ def format_plan(plan: dict) -> str:
 def search_max_batch(needed_bytes, step: int, limit: int, start: int, *, max_batch: int = 1 << 20, log=None):
     """The largest multiple B of `step` with needed_bytes(B) <= limit (memory taken to grow with
     the batch); `needed_bytes(B)` compiles and returns bytes, or None when the compiler refused
-    B for lack of memory. Returns (B or None, {B: bytes or None} of every probe). The search
-    ends with B fitting and B + step probed and not fitting (or B = max_batch)."""
+    B for lack of memory (or a `Refused(bytes)` when the compiler said how much it wanted, which
+    the interpolation uses). Returns (B or None, {B: bytes, Refused or None} of every probe). The
+    search ends with B fitting and B + step probed and not fitting (or B = max_batch)."""
     probes: dict[int, int | None] = {}
 
     def fits(b: int) -> bool:
         if b not in probes:
             probes[b] = needed_bytes(b)
             if log:
-                log(f"  batch {b}: {'refused: out of memory' if probes[b] is None else _mib(probes[b]) + ' MiB'}")
-        return probes[b] is not None and probes[b] <= limit
+                y = probes[b]
+                log(f"  batch {b}: " + ("refused: out of memory" if y is None else
+                                        f"refused: out of memory (the compiler wanted {_mib(y)} MiB)" if isinstance(y, Refused)
+                                        else f"{_mib(y)} MiB"))
+        return probes[b] is not None and not isinstance(probes[b], Refused) and probes[b] <= limit
 
     def towards_limit(x0: int, x1: int) -> int | None:
         """The batch where the line through the probes at x0 and x1 meets the limit, on the grid."""
@@ -364,31 +395,40 @@ def search_max_batch(needed_bytes, step: int, limit: int, start: int, *, max_bat
         b = max(step, hi // 2 // step * step)
         lo, hi = (b, hi) if fits(b) else (None, b)
     prev = None
-    while hi is None:  # grow: extrapolate from the last two fitting probes, else double
+    while hi is None:  # grow: extrapolate from the last two fitting probes (at most 4x), else double
         guess = towards_limit(prev, lo) if prev is not None else None
-        b = min(max(guess or 2 * lo, lo + step), max_batch // step * step)
+        # A line through two probes of a convex need (the logits grow with the batch squared)
+        # overshoots; the cap keeps an early guess from landing far past the answer.
+        b = min(max(min(guess or 2 * lo, 4 * lo), lo + step), max_batch // step * step)
         if b <= lo:
             return lo, probes
         if fits(b):
             prev, lo = lo, b
         else:
             hi = b
+    moved: list[str] = []
     while hi - lo > step:  # narrow: interpolate between the bracket's ends, else bisect
-        guess = towards_limit(lo, hi)
+        # Interpolating a convex need can keep landing on one side of the answer (regula falsi's
+        # creep): after the same end moved twice in a row, bisect.
+        creeping = len(moved) >= 2 and moved[-1] == moved[-2]
+        guess = None if creeping else towards_limit(lo, hi)
         b = guess if guess is not None else (lo + hi) // 2 // step * step
         b = min(max(b, lo + step), hi - step)
         if fits(b):
             lo = b
+            moved.append("lo")
         else:
             hi = b
+            moved.append("hi")
     return lo, probes
 
 
 def plan_max_batch(config: TrainConfig, devices: list, *, chunks: list[int], limit: tuple[int, str], layers=None,
-                   num_sent=None, topology: str = "", log=None) -> list[dict]:
+                   num_sent=None, topology: str = "", max_batch: int = 1 << 20, log=None) -> list[dict]:
     """One row per gradient-caching choice (0 = off, else the chunk size): the largest batch
-    that fits `limit` (bytes per chip, where it comes from), verified by compiles at B and
-    B + step; `plans` holds the full plan of every probe that compiled."""
+    up to `max_batch` that fits `limit` (bytes per chip, where it comes from), verified by
+    compiles at B and B + step, the search starting at the config's global batch; `plans` holds
+    the full plan of every probe that compiled."""
     from simcse_jax.sharding import data_parallel_size, make_mesh
 
     dp = data_parallel_size(make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor},
@@ -414,18 +454,23 @@ def plan_max_batch(config: TrainConfig, devices: list, *, chunks: list[int], lim
                 return plans[b]["memory"]["needed_bytes"]
             except Exception as e:
                 if is_out_of_memory(e):
-                    return None
+                    wanted = refused_bytes(e)
+                    if wanted is not None and "HLO temporaries" in str(e):  # + what the arguments hold
+                        wanted += setup.param_bytes + setup.opt_state_bytes + setup.batch_bytes
+                    return None if wanted is None else Refused(wanted)
                 raise PlanError(f"batch {b}, chunk {chunk}: compile failed ({type(e).__name__}: {str(e)[:500]})") from e
 
         if log:
             what = "no gradient caching" if chunk == 0 else f"gradient caching, chunk {chunk}"
             log(f"max batch, {what} (candidates: multiples of {step}):")
-        best, probes = search_max_batch(needed, step, limit[0], max(config.global_batch_size, step), log=log)
+        best, probes = search_max_batch(needed, step, limit[0], max(config.global_batch_size, step), max_batch=max_batch, log=log)
         rows.append({"grad_cache_chunk_size": chunk, "step": step, "max_global_batch": best,
                      "needed_bytes": None if best is None else probes[best],
                      "next_batch": None if best is None else best + step,
-                     "next_needed_bytes": None if best is None else probes.get(best + step),
-                     "limit_bytes": limit[0], "probes": {str(k): v for k, v in sorted(probes.items())},
+                     "next_needed_bytes": None if best is None or isinstance(probes.get(best + step), Refused) else probes.get(best + step),
+                     "limit_bytes": limit[0],
+                     "probes": {str(k): None if isinstance(v, Refused) else v for k, v in sorted(probes.items())},
+                     "refused_wanted_bytes": {str(k): int(v) for k, v in sorted(probes.items()) if isinstance(v, Refused)},
                      "compile_seconds": round(sum(seconds), 1), "plans": {str(k): v for k, v in sorted(plans.items())}})
     return rows
 
@@ -438,7 +483,15 @@ def format_max_batch(rows: list[dict], limit_source: str) -> str:
             lines.append(f"  {r['grad_cache_chunk_size']:>16}   {r['error']}")
             continue
         chunk = "off" if r["grad_cache_chunk_size"] == 0 else str(r["grad_cache_chunk_size"])
-        nxt = "OOM" if r["next_needed_bytes"] is None and r["max_global_batch"] is not None else _mib(r["next_needed_bytes"])
+        nb = str(r["next_batch"])
+        if r["max_global_batch"] is None or r["next_needed_bytes"] is not None:
+            nxt = _mib(r["next_needed_bytes"])
+        elif nb in r.get("refused_wanted_bytes", {}):
+            nxt = f"OOM ({_mib(r['refused_wanted_bytes'][nb])})"
+        elif nb in r["probes"]:
+            nxt = "OOM"
+        else:
+            nxt = "not tried (upto)"
         lines.append(f"  {chunk:>16}   {str(r['max_global_batch'] or 'none'):>9}   {_mib(r['needed_bytes']):>10}   "
                      f"{str(r['next_batch'] or '–'):>10}   {nxt:>15}   {len(r['probes']):>8}")
     return "\n".join(lines)
@@ -457,6 +510,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-sent", type=int, default=None, choices=(2, 3), help="views per example (default: from train_file)")
     p.add_argument("--memory-limit-gib", type=float, default=None, help="per-chip limit instead of the chip's HBM")
     p.add_argument("--max-batch", action="store_true", help="search the largest global batch that fits")
+    p.add_argument("--max-batch-upto", type=int, default=1 << 20, metavar="N",
+                   help="with --max-batch: the largest global batch to consider (default 1,048,576); the search starts "
+                        "at the config's global_batch_size, so a known bracket costs few compiles")
     p.add_argument("--chunks", default="0", metavar="C1,C2,...",
                    help="with --max-batch: gradient-caching chunk sizes to search, 0 = no caching (default: 0), e.g. 0,1024")
     p.add_argument("--libtpu-path", default=None,
@@ -470,6 +526,13 @@ def run(args: argparse.Namespace) -> int:
         kind, canonical = parse_topology(args.topology)
         if kind == "cpu":
             ensure_cpu_devices(int(canonical.split(":")[1]))
+        else:
+            # An executable compiled for TPU devices this machine does not have can never be loaded
+            # here ("PjRtCompiler must be constructed with a Client"): caching it would only put
+            # hundreds of MB of dead entries into the persistent cache and a warning into every run.
+            import jax
+
+            jax.config.update("jax_enable_compilation_cache", False)
         config = load_config(args.config, args.overrides)
         devices = devices_for(canonical, libtpu_path=args.libtpu_path)
         limit = resolve_limit(chip_by_device_kind(devices[0].device_kind), args.memory_limit_gib)
@@ -481,7 +544,8 @@ def run(args: argparse.Namespace) -> int:
             except ValueError:
                 raise PlanError(f"--chunks {args.chunks!r}: expected sizes like 0,512 (0 = no gradient caching)") from None
             rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
-                                  topology=canonical, log=lambda s: print(s, file=sys.stderr, flush=True))
+                                  topology=canonical, max_batch=args.max_batch_upto,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
             for row in rows:  # the full table at each answer, from the compile that verified it
                 if row.get("max_global_batch"):
                     print(format_plan(row["plans"][str(row["max_global_batch"])]) + "\n")

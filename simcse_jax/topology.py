@@ -69,6 +69,9 @@ def parse_topology(name: str) -> tuple[str, str]:
 
 def load_libtpu(libtpu_path: str | None = None) -> None:
     """Makes libtpu importable (from `libtpu_path`, $SIMCSE_LIBTPU_PATH or the environment)."""
+    # Planning only compiles: it never owns a TPU. Without this, a second planner on the machine
+    # (a test beside a `plan`, parallel sweep points) fails on libtpu's /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     path = libtpu_path or os.environ.get(LIBTPU_ENV)
     if path:
         if not os.path.isdir(os.path.join(path, "libtpu")):

@@ -21,7 +21,7 @@ fetch precedes every save, so `on_nonfinite=stop` names the first bad step and n
 state from it or after it.
 
 Determinism: the data order is a function of (seed, epoch) and the dropout key of update `s` is
-`fold_in(key(seed), s)`, so a resumed run repeats exactly what an uninterrupted one would do.
+`fold_in(key(seed), s)` (derived inside the step from its counter), so a resumed run repeats exactly what an uninterrupted one would do.
 
 Checkpoints (`<workdir>/checkpoints/`, see checkpoint.py): `latest/` keeps the newest
 `keep_checkpoints` complete training states for resuming; `best/` keeps the parameters with the
@@ -71,13 +71,13 @@ from simcse_jax.metrics_log import MetricsLog
 from simcse_jax.optim import make_optimizer
 from simcse_jax.sharding import data_parallel_size, make_mesh
 from simcse_jax.train_step import (
-    TrainState,
+    abstract_train_state,
     compile_train_step,
+    dropout_overrides,
     init_train_state,
     make_train_step,
     objective_config,
     optim_config,
-    state_shardings,
 )
 from simcse_jax.xla_options import compiler_options
 
@@ -181,14 +181,11 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     total_steps = config.max_steps if config.max_steps > 0 else int(math.ceil(config.num_epochs * data.batches_per_epoch))
 
     # --- 3. model, optimizer, state: abstract first, then restore or import; compile the update
-    overrides = {k: getattr(config, k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if getattr(config, k) is not None}
+    overrides = dropout_overrides(config)
     enc_cfg = EncoderConfig.from_hf_dict(hf_config, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
     optimizer = make_optimizer(optim_config(config, total_steps))
-    abstract_model = nnx.eval_shape(lambda: Encoder(enc_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    shardings = state_shardings(abstract_params, optimizer, mesh)
-    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                opt_state=jax.eval_shape(optimizer.init, abstract_params))
+    abstract_model, graphdef, abstract_state, shardings = abstract_train_state(enc_cfg, optimizer, mesh)
+    abstract_params = abstract_state.params
 
     latest = ckpt_lib.manager(ckpt_root / "latest", max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     best = ckpt_lib.manager(ckpt_root / "best", max_to_keep=1)
@@ -238,7 +235,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     # One executable serves the whole run: a batch of another shape is an error, not a silent
     # recompilation.
     update_fn = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                                optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip")
+                                optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip", fold_in_step=True)
     update, compile_info = compile_train_step(update_fn, abstract_state, data.abstract_batch(),
                                               compiler_options(config.cpu_onednn, jax.devices()[0].platform),
                                               on_fallback=lambda why: log.message(f"note: {why}"))
@@ -295,7 +292,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     try:
         while step < total_steps:
             batch, next_position = next(batches)
-            state, meas = update(state, batch, jax.random.fold_in(base_key, step))
+            state, meas = update(state, batch, base_key)  # dropout key: fold_in(base_key, state.step), in the step
             step += 1
             pending.add(step, meas)
             position = next_position

@@ -14,8 +14,17 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import train as train_lib
 from simcse_jax.config import TrainConfig
-from simcse_jax.hlo_collectives import collective_traffic, count_collectives
-from simcse_jax.plan import build_step, compile_setup, make_plan, memory_of, plan_max_batch, search_max_batch
+from simcse_jax.hlo_collectives import collective_traffic, count_collectives, loop_trip_counts
+from simcse_jax.plan import (
+    Refused,
+    build_step,
+    compile_setup,
+    make_plan,
+    memory_of,
+    plan_max_batch,
+    refused_bytes,
+    search_max_batch,
+)
 from simcse_jax.roofline import CHIPS, ChipSpec, roofline
 from simcse_jax.topology import LIBTPU_ENV, TopologyError, devices_for, parse_topology
 
@@ -66,6 +75,10 @@ def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path,
     # The donated state aliases its outputs; parameters + optimizer state are inside the arguments.
     assert m["alias_bytes"] > 0 and m["parameters_bytes"] + m["optimizer_state_bytes"] <= m["argument_bytes"]
     assert plan["flops"] > 0 and plan["collectives"]["per_kind"]["all-reduce"]["count"] > 0
+    # Gradient caching loops over chunks (16 rows / 8 per chunk = 2 trips per pass): the plan says
+    # its cost figures are lower bounds; without caching the step has no loop.
+    assert bool(plan["cost_loop_trip_counts"]) == bool(config.grad_cache_chunk_size)
+    assert all(t == 2 for t in plan["cost_loop_trip_counts"])
 
 
 @pytest.mark.slow  # ~8 compiles: 40-120 s on the 2-core CI machine
@@ -102,6 +115,66 @@ def test_max_batch_search_brackets_on_the_grid_and_handles_refused_compiles():
         if best is not None:
             assert probes[best] <= limit and (probes[best + 8] is None or probes[best + 8] > limit)
         assert len(calls) == len(set(calls)) <= 12
+
+
+def test_refused_compiles_report_what_they_wanted_and_the_search_interpolates_through_them():
+    # XLA:TPU's refusal (binary units), as libtpu words it.
+    err = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                       "Used 17.28G of 15.75G hbm. Exceeded hbm capacity by 1.53G.")
+    assert refused_bytes(err) == int(17.28 * 2**30)
+    # libtpu 0.0.42 (jax 0.10.2) words it so (seen at BERT-base, batch 65536, v5e:2x2): temporaries only.
+    assert refused_bytes(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                      "HLO temporaries (42.56G) exceeds available HBM (15.75G).")) == int(42.56 * 2**30)
+    assert refused_bytes(RuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
+    assert refused_bytes(RuntimeError("Ran out of memory in memory space hbm. Used 900.5M of 1.00G hbm.")) == int(900.5 * 2**20)
+
+    def search(needed, limit, start, **kw):
+        calls = []
+
+        def probe(b):
+            calls.append(b)
+            return needed(b)
+
+        best, probes = search_max_batch(probe, 16, limit, start=start, **kw)
+        return best, probes, calls
+
+    # A convex (quadratic) need, like the logits of a gradient-cached global batch; the compiler
+    # refuses above its own capacity (1.05x the limit) but says how much it wanted.
+    limit = 10_000_000
+
+    def convex(b):
+        y = 3_000_000 + b * b // 3
+        return Refused(y) if y > 1.05 * limit else y
+
+    best, probes, calls = search(convex, limit, start=512)
+    exact = max(b for b in range(16, 10_000, 16) if 3_000_000 + b * b // 3 <= limit)
+    assert best == exact and isinstance(probes[best + 16], int) and not 3_000_000 + (best + 16) ** 2 // 3 <= limit
+    assert len(calls) == len(set(calls)) <= 9, calls
+    # With no figure from the compiler, the same search bisects and still brackets exactly.
+    best_blind, _, calls_blind = search(lambda b: None if isinstance(convex(b), Refused) else convex(b), limit, start=512)
+    assert best_blind == exact and len(calls_blind) >= len(calls)
+    # --max-batch-upto: a known bracket [start, upto] costs a handful of compiles.
+    best, probes, calls = search(convex, limit, start=exact - 32, max_batch=exact + 64)
+    assert best == exact and len(calls) <= 4, calls
+    best, probes, calls = search(convex, limit, start=512, max_batch=1024)
+    assert best == 1024 and 1040 not in probes  # the cap is the answer; nothing above it was compiled
+
+
+def test_xla_cost_analysis_counts_a_loop_body_once():
+    """Why a gradient-cached plan's FLOPs are lower bounds: ten trips of a matmul cost one. If a
+    jax release starts counting trips, this fails and the plan's note can go."""
+    x = jnp.ones((64, 64))
+
+    def flops(f):
+        cost = jax.jit(f).lower(x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    looped = jax.jit(lambda y: jax.lax.fori_loop(0, 10, lambda i, z: z @ x, y)).lower(x).compile()
+    one = flops(lambda y: y @ x)
+    assert one == 2 * 64**3
+    assert flops(lambda y: jax.lax.fori_loop(0, 10, lambda i, z: z @ x, y)) == pytest.approx(one, rel=1e-3)  # not 10x
+    assert loop_trip_counts(looped.as_text()) == [10]
+    assert loop_trip_counts(jax.jit(lambda y: y @ x).lower(x).compile().as_text()) == []
 
 
 def test_roofline_by_hand():

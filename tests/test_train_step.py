@@ -109,3 +109,41 @@ def test_bad_batch_and_chunk_settings_fail_at_trace_with_the_key_named():
     batch = jax.device_put(dict(input_ids=ids, attention_mask=ids, token_type_ids=0 * ids), batch_sharding(mesh, 3))
     with pytest.raises(ValueError, match="grad_cache_chunk_size=12"):
         step(state, batch, jax.random.key(0))
+
+
+def test_in_step_dropout_key_is_fold_in_of_the_base_key_and_the_step_counter():
+    """fold_in_step=True (the trainer's step) draws update s's dropout from fold_in(base, s): the
+    same masks, hence the same state, as the eager per-step fold_in it replaced."""
+    from flax import nnx
+
+    from simcse_jax.encoder import Encoder, EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    mesh = make_mesh({"data": -1})
+    optim = OptimConfig(total_steps=10, learning_rate=1e-2)
+    optimizer = make_optimizer(optim)
+    ids = jax.random.randint(jax.random.key(1), (8, 2, 8), 1, 50, jnp.int32)
+    batch = jax.device_put(dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=0 * ids), batch_sharding(mesh, 3))
+    base = jax.random.key(42)
+    runs = {}
+    for in_step in (True, False):
+        graphdef, state, sh = init_train_state(Encoder(cfg, rngs=nnx.Rngs(0)), optimizer, mesh)
+        step = make_train_step(graphdef, optimizer, mesh, sh, ObjectiveConfig(), optim, fold_in_step=in_step)
+        losses = []
+        for s in range(3):
+            state, meas = step(state, batch, base if in_step else jax.random.fold_in(base, s))
+            losses.append(float(meas["loss"]))
+        runs[in_step] = (losses, jax.tree.leaves(state.params))
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and the key does matter: passing the base key unchanged to a step without the counter
+    # repeats step 0's masks, so the losses part from step 1 on.
+    graphdef, state, sh = init_train_state(Encoder(cfg, rngs=nnx.Rngs(0)), optimizer, mesh)
+    step = make_train_step(graphdef, optimizer, mesh, sh, ObjectiveConfig(), optim)
+    repeated = []
+    for _ in range(3):
+        state, meas = step(state, batch, base)
+        repeated.append(float(meas["loss"]))
+    assert repeated[1:] != runs[True][0][1:]
