@@ -498,44 +498,6 @@ class Prefetch:
         self._thread.join(timeout=30)
 
 
-class Lookahead:
-    """The next `depth` global batches, assembled and placed on the devices ahead of the step,
-    on the calling thread: the same `(batch, position)` items as `Prefetch`, in the same order.
-
-    Placement is asynchronous in jax, and so is the dispatch of a step, so the host assembles
-    batch s+1 while the devices run step s without a second thread; what it saves over `Prefetch`
-    is the queue's lock and the handoff of the GIL between two threads on every step.
-    """
-
-    def __init__(self, iterator: DataIterator, depth: int = 2):
-        import collections
-
-        self._iterator = iterator
-        self._depth = max(1, int(depth))
-        self._ready: collections.deque = collections.deque()
-
-    def _fill(self) -> None:
-        while len(self._ready) < self._depth:
-            self._ready.append((next(self._iterator), self._iterator.state()))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[dict, dict]:
-        if not self._ready:
-            self._fill()
-        item = self._ready.popleft()
-        try:
-            self._fill()  # the next batches go to the devices while this one's step runs
-        except StopIteration:
-            pass
-        return item
-
-    def close(self) -> None:
-        """Drops the batches placed but not consumed."""
-        self._ready.clear()
-
-
 def make_data_iterator(
     source: str | os.PathLike,
     tokenizer,

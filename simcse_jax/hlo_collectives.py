@@ -195,16 +195,3 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict:
         "unknown_trip_counts": unknown_count,
     }
 
-
-def loop_trip_counts(hlo_text: str) -> list[int]:
-    """The known trip counts of the program's `while` loops that run more than once (gradient
-    caching's scans over chunks). XLA's `cost_analysis()` counts a loop body once whatever its
-    trip count, so a program with such loops has its FLOPs and bytes under-counted."""
-    counts = []
-    for line in hlo_text.splitlines():
-        if _WHILE_RE.search(line):
-            trip = _TRIP_RE.search(line)
-            if trip is None or int(trip.group(1)) > 1:
-                counts.append(int(trip.group(1)) if trip else 0)  # 0: unknown
-    return counts
-

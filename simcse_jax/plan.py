@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 from simcse_jax.config import TrainConfig, load_config, validate
-from simcse_jax.errors import ConfigError, SimcseError
+from simcse_jax.errors import SimcseError, UsageError
 from simcse_jax.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
-from simcse_jax.topology import TopologyError, devices_for, ensure_cpu_devices, parse_topology
+from simcse_jax.topology import devices_for, ensure_cpu_devices, parse_topology
 
 MIB = 2**20
 # The paper's checkpoints, as their config.json on the Hugging Face Hub gives them, so a plan
@@ -256,8 +256,10 @@ def make_plan(config: TrainConfig, devices: list, *, layers: int | None = None, 
 def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *, limit: tuple[int | None, str],
              topology: str) -> dict:
     """The plan of one compiled step (see the module docstring) as a JSON-able dict."""
-    from simcse_jax.hlo_collectives import collective_traffic, count_collectives, loop_trip_counts
+    from simcse_jax.hlo_collectives import collective_traffic, count_collectives
+    from simcse_jax.objective import num_chunks_for
     from simcse_jax.sharding import data_parallel_size
+    from simcse_jax.train_step import objective_config
 
     devices = list(setup.mesh.devices.flat)
     mem = memory_of(compiled)
@@ -282,9 +284,10 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
                    "fits": None if limit is None else mem.needed_bytes <= limit,
                    "margin_bytes": None if limit is None else limit - mem.needed_bytes},
         "flops": float(cost.get("flops", 0.0)), "hbm_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        # XLA counts a loop body once: with gradient caching's loops the FLOPs and bytes above are
-        # lower bounds (the roofline's step time stays a valid, looser, lower bound; no MFU).
-        "cost_loop_trip_counts": loop_trip_counts(text),
+        # XLA's cost analysis counts a loop body once: with gradient caching's loops over chunks
+        # the FLOPs and bytes above are lower bounds (the roofline's step time stays a valid,
+        # looser, lower bound; no MFU bound). Small fixed loops (threefry's rounds) cost little.
+        "grad_cache_chunks": num_chunks_for(objective_config(config), config.global_batch_size, dp),
         "collectives": {**count_collectives(text), **traffic},
         "roofline": None,
     }
@@ -292,7 +295,7 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
         r = roofline(plan["flops"], plan["hbm_bytes_accessed"], traffic["total_sent_bytes"], chip)
         plan["roofline"] = {"chip": dataclasses.asdict(chip), "compute_s": r.compute_s, "hbm_s": r.hbm_s, "ici_s": r.ici_s,
                             "step_s": r.step_s, "bound": r.bound,
-                            "mfu_bound": None if plan["cost_loop_trip_counts"] else r.mfu_bound,
+                            "mfu_bound": None if plan["grad_cache_chunks"] > 1 else r.mfu_bound,
                             "sentences_per_s": r.sentences_per_s(config.global_batch_size)}
     return plan
 
@@ -326,8 +329,8 @@ def format_plan(plan: dict) -> str:
     if m["fits"] is not None:
         share = 100 * m["margin_bytes"] / m["limit_bytes"]
         lines.append(f"  fits: {'yes' if m['fits'] else 'NO'}, margin {_mib(m['margin_bytes'])} MiB ({share:.0f} % of the limit)")
-    loops = plan.get("cost_loop_trip_counts") or []
-    at_least = ">= " if loops else ""
+    chunks = plan.get("grad_cache_chunks", 1)
+    at_least = ">= " if chunks > 1 else ""
     lines += ["", "per chip per step",
               f"  FLOPs (XLA cost analysis)       {at_least}{plan['flops']:.3e}",
               f"  HBM bytes (XLA bytes accessed)  {at_least}{plan['hbm_bytes_accessed']:.3e}",
@@ -347,11 +350,10 @@ def format_plan(plan: dict) -> str:
                   f"  compute {r['compute_s'] * 1e3:8.3f} ms   HBM {r['hbm_s'] * 1e3:8.3f} ms   ICI {r['ici_s'] * 1e3:8.3f} ms",
                   f"  step >= {r['step_s'] * 1e3:.3f} ms ({r['bound']}-bound): <= {r['sentences_per_s']:,.0f} sentences/s"
                   + (f", MFU <= {100 * r['mfu_bound']:.0f} %" if r["mfu_bound"] is not None else "")]
-        if loops:
-            trips = ", ".join(str(t) if t else "unknown" for t in loops)
-            lines.append(f"  note: XLA's cost analysis counts a loop body once; this step loops (gradient caching; "
-                         f"trip counts {trips}), so FLOPs and HBM bytes are lower bounds, the compute and HBM terms "
-                         f"too: the step bound holds but is loose, and no MFU bound is given")
+        if chunks > 1:
+            lines.append(f"  note: XLA's cost analysis counts a loop body once and gradient caching loops over {chunks} "
+                         f"chunks: FLOPs, HBM bytes and their terms are lower bounds, so the step bound holds but is "
+                         f"loose, and no MFU bound is given")
     return "\n".join(lines)
 
 
@@ -522,51 +524,48 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        kind, canonical = parse_topology(args.topology)
-        if kind == "cpu":
-            ensure_cpu_devices(int(canonical.split(":")[1]))
-        else:
-            # An executable compiled for TPU devices this machine does not have can never be loaded
-            # here ("PjRtCompiler must be constructed with a Client"): caching it would only put
-            # hundreds of MB of dead entries into the persistent cache and a warning into every run.
-            import jax
+    # Errors (SimcseError) go to cli.main, the one place that turns them into a message and a code.
+    kind, canonical = parse_topology(args.topology)
+    if kind == "cpu":
+        ensure_cpu_devices(int(canonical.split(":")[1]))
+    else:
+        # An executable compiled for TPU devices this machine does not have can never be loaded
+        # here ("PjRtCompiler must be constructed with a Client"): caching it would only put
+        # hundreds of MB of dead entries into the persistent cache and a warning into every run.
+        import jax
 
-            jax.config.update("jax_enable_compilation_cache", False)
-        config = load_config(args.config, args.overrides)
-        devices = devices_for(canonical, libtpu_path=args.libtpu_path)
-        limit = resolve_limit(chip_by_device_kind(devices[0].device_kind), args.memory_limit_gib)
-        if args.max_batch:
-            if limit[0] is None:
-                raise PlanError(f"--max-batch on {canonical}: {limit[1]}")
-            try:
-                chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
-            except ValueError:
-                raise PlanError(f"--chunks {args.chunks!r}: expected sizes like 0,512 (0 = no gradient caching)") from None
-            rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
-                                  topology=canonical, max_batch=args.max_batch_upto,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-            for row in rows:  # the full table at each answer, from the compile that verified it
-                if row.get("max_global_batch"):
-                    print(format_plan(row["plans"][str(row["max_global_batch"])]) + "\n")
-            print(format_max_batch(rows, limit[1]))
-            result = {"max_batch": rows}
-        else:
-            try:
-                result = make_plan(config, devices, layers=args.layers, num_sent=args.num_sent,
-                                   memory_limit_gib=args.memory_limit_gib, topology=canonical)
-            except Exception as e:
-                if not is_out_of_memory(e):
-                    raise
-                # XLA:TPU refuses a program larger than HBM at compile time: that is the answer.
-                print(f"does not fit: the compiler for {canonical} ran out of memory at global batch "
-                      f"{config.global_batch_size}:\n{str(e)[:1500]}\n(--max-batch finds the largest batch that fits)")
-                return 1
-            print(format_plan(result))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    except (ConfigError, TopologyError, PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        jax.config.update("jax_enable_compilation_cache", False)
+    config = load_config(args.config, args.overrides)
+    devices = devices_for(canonical, libtpu_path=args.libtpu_path)
+    limit = resolve_limit(chip_by_device_kind(devices[0].device_kind), args.memory_limit_gib)
+    if args.max_batch:
+        if limit[0] is None:
+            raise UsageError(f"--max-batch on {canonical}: {limit[1]}")
+        try:
+            chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
+        except ValueError:
+            raise UsageError(f"--chunks {args.chunks!r}: expected sizes like 0,512 (0 = no gradient caching)") from None
+        rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
+                              topology=canonical, max_batch=args.max_batch_upto,
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
+        for row in rows:  # the full table at each answer, from the compile that verified it
+            if row.get("max_global_batch"):
+                print(format_plan(row["plans"][str(row["max_global_batch"])]) + "\n")
+        print(format_max_batch(rows, limit[1]))
+        result = {"max_batch": rows}
+    else:
+        try:
+            result = make_plan(config, devices, layers=args.layers, num_sent=args.num_sent,
+                               memory_limit_gib=args.memory_limit_gib, topology=canonical)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            # XLA:TPU refuses a program larger than HBM at compile time: that is the answer.
+            print(f"does not fit: the compiler for {canonical} ran out of memory at global batch "
+                  f"{config.global_batch_size}:\n{str(e)[:1500]}\n(--max-batch finds the largest batch that fits)")
+            return 1
+        print(format_plan(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -31,9 +31,9 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
+from simcse_jax.errors import SimcseError, UsageError
 from simcse_jax.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN
 
 PLOTS = ("stsb_dev_vs_batch.png", "throughput_vs_batch.png", "memory_vs_batch.png")
@@ -406,12 +406,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         records, table = write_report(args.folders, out)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     except ImportError as e:
-        print(f"error: the plots need matplotlib ({e}); pip install 'simcse-jax[report]'. "
-              f"The table is in {out / 'report.md'}", file=sys.stderr)
-        return 1
+        raise SimcseError(f"the plots need matplotlib ({e}); pip install 'simcse-jax[report]'. "
+                          f"The table is in {out / 'report.md'}") from None
     print(table, end="")
     print(f"{len(records)} runs; wrote {out / 'report.md'}, report.json, " + ", ".join(PLOTS) + f" in {out}")
     return 0

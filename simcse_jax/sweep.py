@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from simcse_jax.config import ConfigError, TrainConfig, load_config, parse_value, validate
+from simcse_jax.errors import UsageError
 
 LR_SCALING = ("none", "linear", "sqrt")
 PLAN_FILE = "sweep.json"
@@ -313,20 +314,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        grid = parse_grid(args.grid)
-        runs = plan_sweep(args.config, args.workdir, grid, lr_scaling=args.lr_scaling,
-                          base_batch_size=args.base_batch_size, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    grid = parse_grid(args.grid)  # a ConfigError goes to cli.main, the one place that reports errors
+    runs = plan_sweep(args.config, args.workdir, grid, lr_scaling=args.lr_scaling,
+                      base_batch_size=args.base_batch_size, overrides=args.overrides)
     for r in runs:
         if r.skipped:
             print(f"left out {r.name}: {r.skipped}", file=sys.stderr)
     valid = [r for r in runs if r.skipped is None]
     if not valid:
-        print("error: no valid run in the sweep", file=sys.stderr)
-        return 2
+        raise UsageError("no valid run in the sweep")
     commands = [None if r.skipped else shell_command(args.config, r, args.launcher if args.emit_commands else None)
                 for r in runs]
     record = {"config": args.config, "workdir": args.workdir, "grid": grid, "lr_scaling": args.lr_scaling,
@@ -335,8 +331,7 @@ def run(args: argparse.Namespace) -> int:
     write_plan(Path(args.workdir) / PLAN_FILE, record, runs, commands)
     if args.plan:
         if not args.topology:
-            print("error: --plan needs --topology (e.g. v5e:4x4 or cpu:8)", file=sys.stderr)
-            return 2
+            raise UsageError("--plan needs --topology (e.g. v5e:4x4 or cpu:8)")
         status = plan_locally(args.config, runs, args.topology, extra=shlex.split(args.plan_args))
         failed = [n for n, s in status.items() if s.startswith("failed")]
         print(f"sweep --plan: {len(status) - len(failed)}/{len(status)} runs planned for {args.topology}; "

@@ -35,6 +35,8 @@ _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128:
 class TopologyError(SimcseError, ValueError):
     """A topology name that cannot be turned into devices; the message says what to pass."""
 
+    exit_code = 2
+
 
 def libtpu_pin() -> str:
     """The libtpu requirement of the installed jax's `tpu` extra, e.g. `libtpu==0.0.42.*`."""

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import train as train_lib
 from simcse_jax.config import TrainConfig
-from simcse_jax.hlo_collectives import collective_traffic, count_collectives, loop_trip_counts
+from simcse_jax.hlo_collectives import collective_traffic, count_collectives
 from simcse_jax.plan import (
     Refused,
     build_step,
@@ -75,10 +75,9 @@ def test_plan_memory_equals_the_trainers_compiled_step(tiny_model_dir, tmp_path,
     # The donated state aliases its outputs; parameters + optimizer state are inside the arguments.
     assert m["alias_bytes"] > 0 and m["parameters_bytes"] + m["optimizer_state_bytes"] <= m["argument_bytes"]
     assert plan["flops"] > 0 and plan["collectives"]["per_kind"]["all-reduce"]["count"] > 0
-    # Gradient caching loops over chunks (16 rows / 8 per chunk = 2 trips per pass): the plan says
-    # its cost figures are lower bounds; without caching the step has no loop.
-    assert bool(plan["cost_loop_trip_counts"]) == bool(config.grad_cache_chunk_size)
-    assert all(t == 2 for t in plan["cost_loop_trip_counts"])
+    # Gradient caching loops over chunks (16 rows / 8 per chunk): the plan marks its cost figures as
+    # lower bounds (test_xla_cost_analysis_counts_a_loop_body_once says why).
+    assert plan["grad_cache_chunks"] == (2 if config.grad_cache_chunk_size else 1)
 
 
 @pytest.mark.slow  # ~8 compiles: 40-120 s on the 2-core CI machine
@@ -169,12 +168,9 @@ def test_xla_cost_analysis_counts_a_loop_body_once():
         cost = jax.jit(f).lower(x).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-    looped = jax.jit(lambda y: jax.lax.fori_loop(0, 10, lambda i, z: z @ x, y)).lower(x).compile()
     one = flops(lambda y: y @ x)
     assert one == 2 * 64**3
     assert flops(lambda y: jax.lax.fori_loop(0, 10, lambda i, z: z @ x, y)) == pytest.approx(one, rel=1e-3)  # not 10x
-    assert loop_trip_counts(looped.as_text()) == [10]
-    assert loop_trip_counts(jax.jit(lambda y: y @ x).lower(x).compile().as_text()) == []
 
 
 def test_roofline_by_hand():
