@@ -194,4 +194,3 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict:
         "total_sent_bytes": sum(v["sent_bytes"] for v in per_kind.values()),
         "unknown_trip_counts": unknown_count,
     }
-

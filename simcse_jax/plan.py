@@ -541,6 +541,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch:
         if limit[0] is None:
             raise UsageError(f"--max-batch on {canonical}: {limit[1]}")
+        if args.max_batch_upto < 1:
+            raise UsageError(f"--max-batch-upto {args.max_batch_upto}: expected a positive global batch size")
         try:
             chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
         except ValueError:
