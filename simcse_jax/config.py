@@ -103,6 +103,11 @@ class TrainConfig:
     eval_steps: int = 125
     eval_batch_size: int = 128
     eval_pooler: str | None = None  # None: pooler (with mlp_only_train, the MLP is dropped)
+    # Evaluation compute dtype (dev and test). float32, whatever compute_dtype trained: the test
+    # table is then what transformers / SentEval compute on the exported (float32) folder, and the
+    # best checkpoint is chosen on the numbers its export will have. The dev sets are ~4,000
+    # sentences, a small cost next to training in either dtype.
+    eval_dtype: str = "float32"
     save_steps: int = 0  # 0: save at every evaluation
     # Latest checkpoints kept besides the best: >= 2, so that when the newest step turns out to be
     # damaged (a truncated file, a disk that filled) the resume falls back to the one before.
@@ -128,7 +133,7 @@ class TrainConfig:
 # (model, data and its order, objective, optimiser and schedule, seed, dtype): changing one on
 # resume is refused unless allow_config_change. A new key is identity until listed here.
 FREE_KEYS = frozenset({
-    "eval_steps", "eval_batch_size", "eval_pooler", "sts_dir", "log_every", "save_steps", "keep_checkpoints",
+    "eval_steps", "eval_batch_size", "eval_pooler", "eval_dtype", "sts_dir", "log_every", "save_steps", "keep_checkpoints",
     "resume_step", "async_checkpointing", "do_export", "do_test_eval", "data_cache_dir", "preemption_check_steps",
     "prefetch_batches", "mesh_data", "mesh_fsdp", "mesh_tensor",  # resharding on resume is a feature
     "grad_cache_chunk_size",  # the same loss and gradients, in chunks (a memory knob)
@@ -256,8 +261,9 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
             bad(key, "must be >= 1")
     if c.eval_pooler is not None and c.eval_pooler not in POOLERS:
         bad("eval_pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
-    if c.compute_dtype not in ("float32", "bfloat16", "float16"):
-        bad("compute_dtype", "must be float32, bfloat16 or float16")
+    for key in ("compute_dtype", "eval_dtype"):
+        if getattr(c, key) not in ("float32", "bfloat16", "float16"):
+            bad(key, "must be float32, bfloat16 or float16")
     for key in ("learning_rate", "temperature", "global_batch_size", "max_seq_length", "eval_batch_size"):
         if not getattr(c, key) > 0:
             bad(key, "must be positive")

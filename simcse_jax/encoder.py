@@ -393,3 +393,21 @@ class Encoder(nnx.Module):
             return self.lm_head(hidden, word)
         return self.cls(hidden, word)
 
+
+def encoder_graphdef(cfg: EncoderConfig) -> nnx.GraphDef:
+    """The encoder's graph for `cfg` (structure and static settings such as the compute dtype),
+    without allocating a weight: merged with any parameter state of the same architecture."""
+    return nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+
+
+def with_compute_dtype(model: Encoder, compute_dtype: str) -> Encoder:
+    """The same (float32) parameters computing in `compute_dtype`; `model` itself if it already does.
+
+    Why: a model trained in bfloat16 is evaluated and exported in float32 (what transformers,
+    sentence-transformers and SentEval compute on the exported folder), see train.py.
+    """
+    if model.config.compute_dtype == compute_dtype:
+        return model
+    cfg = dataclasses.replace(model.config, compute_dtype=compute_dtype)
+    return nnx.merge(encoder_graphdef(cfg), nnx.state(model, nnx.Param))
+

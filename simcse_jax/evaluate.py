@@ -91,21 +91,22 @@ class TorchEmbedder:
 
 
 def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_length: int | None = None,
-                 mesh_axes: dict[str, int] | None = None):
-    """(SentenceEncoder, pooler) for a simcse-jax checkpoint or a Hugging Face folder."""
+                 mesh_axes: dict[str, int] | None = None, dtype: str = "float32"):
+    """(SentenceEncoder, pooler) for a simcse-jax checkpoint or a Hugging Face folder, computing in
+    `dtype` (float32 by default, also for a checkpoint trained in bfloat16: the numbers of its export)."""
     from simcse_jax.checkpoint import is_checkpoint_dir, load_checkpoint
     from simcse_jax.hf_io import load_pretrained, load_tokenizer
     from simcse_jax.sharding import make_mesh, shard_model
 
     mesh = make_mesh(mesh_axes or {"data": -1})
     if is_checkpoint_dir(model_path):
-        ckpt = load_checkpoint(model_path, mesh=mesh)
+        ckpt = load_checkpoint(model_path, mesh=mesh, compute_dtype=dtype)
         model, tokenizer = ckpt.model, load_tokenizer(ckpt.tokenizer_dir)
         pooler = pooler or ckpt.eval_pooler
     else:
         if pooler is None:
             raise UsageError(f"{model_path} is a Hugging Face folder: pass --pooler ({', '.join(POOLERS)})")
-        loaded = load_pretrained(model_path)
+        loaded = load_pretrained(model_path, compute_dtype=dtype)
         model, tokenizer = shard_model(loaded.model, mesh), load_tokenizer(loaded.path)
     enc = SentenceEncoder(model, tokenizer, pooler=pooler, mesh=mesh, batch_size=batch_size, max_length=max_length)
     return enc, pooler
@@ -134,14 +135,15 @@ def local_model_dir(model_path):
 
 def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: str = "test", backend: str = "jax",
              pooler: str | None = None, batch_size: int = 128, max_length: int | None = None,
-             limit: int | None = None, all_splits: bool = False, mesh_axes=None) -> dict:
+             limit: int | None = None, all_splits: bool = False, mesh_axes=None, dtype: str = "float32") -> dict:
     """Everything `simcse-jax eval` computes, as the JSON-ready dict it writes."""
     tasks = list(tasks or (sts.TASKS if split == "test" else sts.DEV_TASKS))
     loaded_tasks = load_tasks(sts_dir, tasks, split, all_splits=all_splits, limit=limit)  # data errors first
     t0 = time.perf_counter()
     model_dir = local_model_dir(model_path)
     if backend == "jax":
-        embed, pooler = jax_embedder(model_dir, pooler=pooler, batch_size=batch_size, max_length=max_length, mesh_axes=mesh_axes)
+        embed, pooler = jax_embedder(model_dir, pooler=pooler, batch_size=batch_size, max_length=max_length,
+                                     mesh_axes=mesh_axes, dtype=dtype)
     elif backend == "torch":
         if pooler is None:
             raise UsageError("the torch backend needs --pooler")
@@ -152,7 +154,8 @@ def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: 
     else:
         raise UsageError(f"backend must be jax or torch, not {backend!r}")
     res = sts.evaluate(embed, loaded_tasks)
-    return {"model": str(model_path), "backend": backend, "pooler": pooler, "split": split, "sts_dir": str(sts_dir),
+    return {"model": str(model_path), "backend": backend, "pooler": pooler, "dtype": dtype if backend == "jax" else "float32",
+            "split": split, "sts_dir": str(sts_dir),
             "limit": limit, **res, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -162,7 +165,10 @@ def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: 
 class TrainingEvaluator:
     """The trainer's evaluation: STS-B / SICK-R dev Spearman during training and the STS test
     table at the end (JAX backend, the run's mesh), or, without STS data, alignment/uniformity
-    on held-out text. Compiles once per run; `params` change, the programs do not."""
+    on held-out text. Compiles once per run; `params` change, the programs do not.
+
+    `graphdef` is the encoder's graph in the evaluation dtype (`TrainConfig.eval_dtype`, float32
+    by default whatever the training compute dtype): the test table is then the export's table."""
 
     def __init__(self, config: TrainConfig, graphdef, tokenizer, mesh, sts_dir: Path | None, heldout: Path | None):
         self.config, self.graphdef, self.tokenizer, self.mesh = config, graphdef, tokenizer, mesh
@@ -241,6 +247,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N pairs of each subset only (quick checks)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=None, help="truncate to N tokens (default: the model's limit)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="jax backend compute dtype (default float32, also for bf16-trained checkpoints: the export's numbers)")
     p.add_argument("--output", default=None, help="write every number to this JSON file")
     p.set_defaults(func=run)
 
@@ -252,8 +260,9 @@ def run(args: argparse.Namespace) -> int:
     sts_dir = paths.as_path(args.sts_dir) if args.sts_dir else sts.default_sts_dir()
     res = run_eval(args.model, sts_dir=sts_dir, tasks=args.tasks, split=args.split, backend=args.backend,
                    pooler=args.pooler, batch_size=args.batch_size, max_length=args.max_length, limit=args.limit,
-                   all_splits=args.all_splits)
-    print(f"{args.backend} backend, pooler {res['pooler']}, {args.split} split{f', first {args.limit} pairs' if args.limit else ''}:")
+                   all_splits=args.all_splits, dtype=args.dtype)
+    limited = f", first {args.limit} pairs" if args.limit else ""
+    print(f"{args.backend} backend, pooler {res['pooler']}, {res['dtype']}, {args.split} split{limited}:")
     print(sts.format_table(res["paper"]))
     if "align_uniform" in res:
         au = res["align_uniform"]

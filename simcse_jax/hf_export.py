@@ -31,7 +31,7 @@ from flax import nnx
 
 from simcse_jax import paths
 from simcse_jax.config import POOLERS, check_pooler
-from simcse_jax.encoder import Encoder
+from simcse_jax.encoder import Encoder, with_compute_dtype
 from simcse_jax.errors import ExportError
 from simcse_jax.hf_io import CheckpointError
 
@@ -240,7 +240,12 @@ def export_model(
 
 
 def verify_export(out: Path, model: Encoder, tokenizer, pooler: str, sentences: Sequence[str] = VERIFY_SENTENCES) -> float | None:
-    """Max abs difference of `pooler` embeddings, transformers vs JAX; None without torch."""
+    """Max abs difference of `pooler` embeddings, transformers vs JAX; None without torch.
+
+    Both sides compute in float32 on the same parameters: the folder holds the float32
+    parameters, and a model trained in bfloat16 is compared through its float32 twin
+    (`with_compute_dtype`), so the 1e-5 limit checks the weights, not bf16 rounding.
+    """
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -249,7 +254,7 @@ def verify_export(out: Path, model: Encoder, tokenizer, pooler: str, sentences: 
     from simcse_jax.encode import SentenceEncoder
     from simcse_jax.evaluate import TorchEmbedder
 
-    ours = SentenceEncoder(model, tokenizer, pooler=pooler, batch_size=len(sentences))(list(sentences))
+    ours = SentenceEncoder(with_compute_dtype(model, "float32"), tokenizer, pooler=pooler, batch_size=len(sentences))(list(sentences))
     theirs = TorchEmbedder(out, pooler=pooler, batch_size=len(sentences))(list(sentences))
     diff = float(np.abs(ours - theirs).max())
     if not diff <= VERIFY_TOL:

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ from simcse_jax import distributed, paths, sts
 from simcse_jax.config import TrainConfig, check_resume, eval_pooler, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import Prefetch, make_data_iterator
-from simcse_jax.encoder import Encoder, EncoderConfig
+from simcse_jax.encoder import Encoder, EncoderConfig, encoder_graphdef
 from simcse_jax.errors import ConfigError, TrainingError
 from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir, read_config, resolve_model_dir
@@ -150,27 +151,22 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     tests that interrupt a run at a chosen point.
     """
     remote = paths.is_remote(workdir)  # gs://: no shared disk; every host reads and writes the bucket
-    workdir = paths.as_path(workdir) if remote else Path(workdir).expanduser().absolute()
+    workdir = workdir_path(workdir)
     is_lead = jax.process_index() == 0
 
-    # --- 1. validate before compiling anything; refuse a resume that changes the run; record the config
+    # --- 1. validate before compiling anything (the config, the model folder and its tokenizer,
+    # the workdir) and before writing anything; refuse a resume that changes the run; record the config
     validate(config, num_devices=jax.device_count())
     sts_dir = resolve_sts_dir(config)
-    if remote:
-        try:  # up front: orbax would only fail at the first save, after compiling
-            paths.check_bucket(workdir)
-        except paths.PathError as e:
-            raise ConfigError(f"workdir: {e}") from None
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = workdir / "checkpoints"
-    config_changes = _check_and_record_config(config, workdir, is_lead, resuming=bool(ckpt_lib.complete_steps(ckpt_root / "latest")))
-
-    # --- 2. mesh, tokenizer, data
-    mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor})
     model_dir = resolve_model(config.model)
     hf_config = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    _check_workdir(workdir, remote)
+    ckpt_root = workdir / "checkpoints"
+    config_changes = _check_and_record_config(config, workdir, is_lead, resuming=bool(ckpt_lib.complete_steps(ckpt_root / "latest")))
+
+    # --- 2. mesh, data
+    mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor})
     train_file, heldout = resolve_train_file(config, workdir)
     data = make_data_iterator(
         train_file, tokenizer, config.global_batch_size, max_seq_length=config.max_seq_length, seed=config.seed,
@@ -241,13 +237,16 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                                               on_fallback=lambda why: log.message(f"note: {why}"))
     log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
                 f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
-    evaluator = TrainingEvaluator(config, graphdef, tokenizer, mesh, sts_dir, heldout)
+    # Evaluation and the test table compute in `eval_dtype` (float32 by default) on the same
+    # parameters: the numbers the exported float32 folder gives in transformers and SentEval.
+    eval_graphdef = encoder_graphdef(dataclasses.replace(enc_cfg, compute_dtype=config.eval_dtype))
+    evaluator = TrainingEvaluator(config, eval_graphdef, tokenizer, mesh, sts_dir, heldout)
     per_device = config.global_batch_size // data_parallel_size(mesh)
     log.message(
         f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.local_device_count()} on each of "
         f"{jax.process_count()} host(s) ({jax.devices()[0].platform}) | global batch {config.global_batch_size} "
         f"sentences x {data.data.num_sent} views, {per_device} per data-parallel shard | {total_steps} steps "
-        f"({data.batches_per_epoch} per epoch) | {resumed}"
+        f"({data.batches_per_epoch} per epoch) | compute {config.compute_dtype}, evaluation {config.eval_dtype} | {resumed}"
     )
 
     # --- 4. the loop
@@ -257,7 +256,11 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     bar = log.progress(total_steps, start, config.global_batch_size) if progress else None
     pending = PendingMeasurements()
     rates: list[float] = []
-    clock = {"time": time.perf_counter(), "step": start}
+    # A logged rate measures training only: time spent evaluating and issuing checkpoint saves
+    # inside a log interval is taken out of its rate (logged as the interval's `excluded_seconds`;
+    # each evaluation's own `eval_seconds` is in its record; the run's totals in results.json).
+    clock = {"time": time.perf_counter(), "step": start, "paused": 0.0}
+    spent = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
     position = data.state()  # of the batches consumed so far: what a checkpoint records
     meas_epoch: dict[int, float] = {}  # epoch progress at each log step, for its metrics line
     status, step, log_due = "completed", start, None
@@ -279,12 +282,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 log.message(f"step {s}: non-finite loss; update skipped (on_nonfinite=skip)")
             if s % config.log_every == 0 or s == total_steps:
                 now = time.perf_counter()
-                rate = (s - clock["step"]) / max(now - clock["time"], 1e-9)
-                clock.update(time=now, step=s)
+                rate = (s - clock["step"]) / max(now - clock["time"] - clock["paused"], 1e-9)
+                excluded = {"excluded_seconds": clock["paused"]} if clock["paused"] else {}
+                clock.update(time=now, step=s, paused=0.0)
                 rates.append(rate * config.global_batch_size)
                 epoch = meas_epoch.pop(s, None)
                 log.write(s, {**meas, "steps_per_s": rate, "sentences_per_s": rate * config.global_batch_size,
-                              **({"epoch": epoch} if epoch is not None else {})})
+                              **excluded, **({"epoch": epoch} if epoch is not None else {})})
                 if bar is not None:
                     bar.show(meas)
 
@@ -314,20 +318,27 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
                 continue
             consume()  # before an evaluation or a save: every step so far is finite
             if is_eval:
+                t0 = time.perf_counter()
                 scores = evaluator.dev(state.params)
+                seconds = time.perf_counter() - t0
+                pause(clock, spent, "eval_seconds", seconds)
                 if scores:
-                    log.write(step, scores)
+                    log.write(step, {**scores, "eval_seconds": seconds})
                     score = scores.get(f"eval/{BEST_METRIC}")
                     if score is not None and score > best_score:
                         best_score, best_step = score, step
+                        t0 = time.perf_counter()
                         ckpt_lib.save_params(best, step, state.params, {**meta, "best_score": score})
                         ckpt_lib.finish_saves(best)
+                        pause(clock, spent, "checkpoint_seconds", time.perf_counter() - t0)
                     log.message(eval_line(step, scores, best_score, best_step))
             if is_save or stop:
+                t0 = time.perf_counter()
                 ckpt_lib.save_train_state(latest, step, state, meta, {
                     "iterator": position, "best_score": best_score, "best_step": best_step,
                     "rng": {"seed": config.seed, "dropout_key": "fold_in(key(seed), step)"}})
                 log.flush()  # gs://: metrics.jsonl and TensorBoard events reach the bucket with each checkpoint
+                pause(clock, spent, "checkpoint_seconds", time.perf_counter() - t0)
                 if callback is not None:
                     callback("checkpoint", step)
             if stop and step < total_steps:
@@ -358,10 +369,14 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
 
     # --- 5. the end: best parameters -> STS test -> export -> results.json
     pooler = eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler)
+    loop_seconds = time.perf_counter() - t_start
     results = {"status": status, "steps": step, "best_step": best_step, "best_dev_stsb": None if best_step is None else best_score,
-               "eval_pooler": pooler, "workdir": str(workdir), "global_batch_size": config.global_batch_size,
+               "eval_pooler": pooler, "compute_dtype": config.compute_dtype, "eval_dtype": config.eval_dtype,
+               "workdir": str(workdir), "global_batch_size": config.global_batch_size,
                "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh.shape),
-               "train_seconds": round(time.perf_counter() - t_start, 2), **compile_info}
+               # train_seconds: the loop without its evaluations and checkpoint saves (loop_seconds has them)
+               "train_seconds": round(loop_seconds - spent["eval_seconds"] - spent["checkpoint_seconds"], 2),
+               "loop_seconds": round(loop_seconds, 2), **{k: round(v, 2) for k, v in spent.items()}, **compile_info}
     if len(rates) > 1:  # the first logged interval includes the first dispatch's warm-up
         results["sentences_per_s"] = float(np.median(rates[1:]))
     final_params = state.params
@@ -369,16 +384,19 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         final_params = ckpt_lib.restore_params(best, best_step, abstract_params, shardings.params)
     scores = None
     if sts_dir is not None and config.do_test_eval:
+        t0 = time.perf_counter()
         test = evaluator.test(final_params)
         results["sts_test"] = test
+        results["test_eval_seconds"] = round(time.perf_counter() - t0, 2)
         scores = test["paper"]
-        log.message("STS test (Spearman x 100, " + pooler + " pooler, step " + str(best_step or step) + "):\n"
+        log.message(f"STS test (Spearman x 100, {pooler} pooler, {config.eval_dtype}, step {best_step or step}):\n"
                     + sts.format_table(scores))
     elif sts_dir is None and heldout is not None:
         results["heldout"] = evaluator.heldout_alignment_uniformity(final_params)
         log.message(f"held-out alignment {results['heldout']['alignment']:.4f}, uniformity {results['heldout']['uniformity']:.4f} "
                     f"(no STS folder: pass --set sts_dir=... or $SIMCSE_STS_DIR for the STS table)")
     if config.do_export:
+        t0 = time.perf_counter()
         export_dir = workdir / "export"
         # Gather to every host (replicated) so process 0 can write the whole model.
         replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(final_params)
@@ -390,6 +408,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
             log.message(f"exported the {'best (step ' + str(best_step) + ')' if best_step else 'final'} model to {export_dir} "
                         f"(transformers / sentence-transformers / simcse; pooler {pooler})")
         results["export_dir"] = str(export_dir)
+        results["export_seconds"] = round(time.perf_counter() - t0, 2)
     if is_lead:
         paths.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
         log.message(f"wrote {workdir / 'results.json'}")
@@ -397,6 +416,34 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     latest.close()
     best.close()
     return results
+
+
+def pause(clock: dict, spent: dict, kind: str, seconds: float) -> None:
+    """Takes `seconds` of `kind` (eval_seconds, checkpoint_seconds) out of the current log interval."""
+    clock["paused"] += seconds
+    spent[kind] += seconds
+
+
+def workdir_path(workdir: str | os.PathLike):
+    """The workdir as the trainer addresses it: a gs:// URL stays one (an epath), a local path is absolute."""
+    return paths.as_path(workdir) if paths.is_remote(workdir) else Path(workdir).expanduser().absolute()
+
+
+def _check_workdir(workdir, remote: bool) -> None:
+    """The workdir exists and takes files, or ConfigError (one line: the folder and the OS error),
+    before anything is compiled."""
+    if remote:
+        try:  # up front: orbax would only fail at the first save, after compiling
+            paths.check_bucket(workdir)
+        except paths.PathError as e:
+            raise ConfigError(f"workdir: {e}") from None
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):  # a read-only disk refuses this, not the mkdir of an existing folder
+            pass
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def _check_and_record_config(config: TrainConfig, workdir: Path, is_lead: bool, *, resuming: bool) -> tuple[dict, dict]:
@@ -439,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # jax-free: its timeouts configure the join
     watchdog = distributed.initialize(heartbeat_timeout_s=config.host_heartbeat_timeout_s,
                                       shutdown_timeout_s=config.host_shutdown_timeout_s)
-    latest_dir = Path(args.workdir).expanduser().absolute() / "checkpoints" / "latest"
+    latest_dir = workdir_path(args.workdir) / "checkpoints" / "latest"  # a gs:// URL stays one
     if watchdog is not None:
         watchdog.note = lambda: last_checkpoint_note(latest_dir)
     done = False

@@ -209,3 +209,29 @@ def test_export_of_a_non_checkpoint_is_a_clear_error(minilm_dir, tmp_path, capsy
     assert cli.main(["export", str(minilm_dir), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: export: {minilm_dir} is not a simcse-jax checkpoint") and "simcse-jax import" in err
+
+
+def test_export_of_a_bf16_trained_checkpoint_verifies_in_float32(minilm_tokenizer_dir, tmp_path, capsys):
+    """A checkpoint trained with bfloat16 compute exports (float32 parameters) and verifies against
+    transformers in float32 to 1e-5: the check compares weights, not bf16 rounding, which alone
+    moves these embeddings far more than the limit."""
+    cfg = EncoderConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, compute_dtype="bfloat16")
+    bf16 = Encoder(cfg, rngs=nnx.Rngs(5))
+    tok = load_tokenizer(minilm_tokenizer_dir)
+    ck.save_checkpoint(tmp_path / "ckpt", 7, bf16, hf_config={"model_type": "bert"}, pooler="cls", mlp_only_train=True,
+                       tokenizer=tok)
+    assert ck.load_meta(tmp_path / "ckpt")["encoder_config"]["compute_dtype"] == "bfloat16"
+    assert cli.main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+
+    from simcse_jax.encoder import with_compute_dtype
+
+    fp32 = with_compute_dtype(bf16, "float32")
+    assert fp32.config.compute_dtype == "float32" and with_compute_dtype(fp32, "float32") is fp32
+    theirs = torch_outputs(tmp_path / "hf")[0].last_hidden_state[:, 0].numpy()
+    ours_fp32 = embed_jax(fp32, tok, "cls_before_pooler")
+    ours_bf16 = embed_jax(bf16, tok, "cls_before_pooler")
+    np.testing.assert_allclose(ours_fp32, theirs, atol=1e-5)
+    assert np.abs(ours_bf16 - theirs).max() > 10 * 1e-5  # what the old, compute-dtype check compared
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float32)}

@@ -418,3 +418,29 @@ def test_disk_full_during_async_save_stops_naming_the_folder_and_the_earlier_ste
     losses = step_losses(roomy)
     for step in range(1, 7):
         assert abs(losses[step] - uninterrupted[step]) <= 1e-5, step
+
+
+@pytest.mark.parametrize("where", ["under_proc", "a_file", "read_only_disk"])
+def test_a_workdir_that_cannot_be_written_is_one_line_before_anything_runs(where, tiny_model_dir, train_samples_dir,
+                                                                            data_cache, tmp_path, capfd, request):
+    """`--workdir /proc/x`, a path that is a file, a read-only disk: one line naming the folder and
+    the OS error, exit 2, nothing written."""
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)
+    if where == "under_proc":
+        workdir, why = Path("/proc/simcse-jax-test/run"), "No such file or directory"
+    elif where == "a_file":
+        workdir, why = tmp_path / "taken", "File exists"
+        workdir.write_text("not a folder")
+    else:
+        mount = request.getfixturevalue("small_filesystem")
+        disk = mount(tmp_path / "disk", 1 << 20)
+        (disk / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        workdir, why = disk / "run", "Read-only file system"
+    config_file = config_file_for(config, tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert cli_train(config_file, workdir) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"error: train: workdir {workdir}: cannot write there ({why})"], err[-2000:]
+    assert sorted(tmp_path.rglob("*")) == before

@@ -147,3 +147,42 @@ def test_bad_bucket_object_or_endpoint_is_one_line_naming_the_url(tiny_model_dir
     monkeypatch.undo()
     # Nothing was written for any of them.
     assert not any(f.startswith(("run/", "run2/")) for f in paths.list_files(gcs_bucket))
+
+
+@pytest.mark.slow
+def test_interrupted_gcs_run_names_the_buckets_last_complete_step(
+        tiny_model_dir, train_samples_dir, data_cache, gcs_server, gcs_bucket, tmp_path):  # noqa: F811
+    """Two Ctrl-C on a run whose workdir is gs://: the last line names the bucket's last complete
+    step (not a local `gs:/...` folder with "no complete checkpoint"), and that step resumes."""
+    import time
+
+    from test_train import config_file_for
+
+    from simcse_jax.checkpoint import complete_steps
+
+    url = upload(train_samples_dir / WIKI, f"{gcs_bucket}/data/wiki.txt")
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache, train_file=url, max_steps=100_000)
+    workdir = f"{gcs_bucket}/runs/interrupted"
+    env = {**os.environ, **gcs_server.env, "HF_HUB_OFFLINE": "1", "SIMCSE_JAX_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "simcse_jax.cli", "train", "--config", str(config_file_for(config, tmp_path)),
+                             "--workdir", workdir, "--no-progress"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        while 2 not in complete_steps(f"{workdir}/checkpoints/latest"):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        head = []
+        while not (head and head[-1].startswith("interrupt: saving at the next step boundary")):
+            head.append(proc.stderr.readline())
+            assert head[-1], "".join(head)[-3000:]
+        proc.send_signal(signal.SIGINT)  # the second: stop at once
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    last = max(complete_steps(f"{workdir}/checkpoints/latest"))
+    assert err.strip().splitlines()[-1] == (
+        f"error: train: interrupted: stopped at once without saving. The last complete checkpoint is step {last} in "
+        f"{workdir}/checkpoints/latest; rerun the same command to resume from it."), err[-3000:]

@@ -54,3 +54,40 @@ def test_measurements_reach_the_host_only_at_log_and_save_steps(tiny_model_dir, 
     assert set(records[0]) == {"step", "time", "loss", "simcse_loss", "accuracy", "alignment", "uniformity", "grad_norm",
                                "update_norm", "param_norm", "learning_rate", "steps_per_s", "sentences_per_s", "epoch"}
     assert records[-1]["epoch"] == pytest.approx(12 / (11914 // 16))
+
+
+def test_logged_rates_exclude_evaluation_and_checkpoint_time(tiny_model_dir, train_samples_dir, tmp_path, monkeypatch):
+    """An evaluation that takes 1.5 s (deliberately slow) is not in the rate of the interval it
+    falls in: every logged rate is within 2x of the median one. The time is reported separately:
+    the evaluation's own `eval_seconds`, the interval's `excluded_seconds`, and the run's totals."""
+    import statistics
+    import time
+
+    from simcse_jax.evaluate import TrainingEvaluator
+
+    slow_s = 1.5
+
+    def slow_dev(self, params):
+        time.sleep(slow_s)
+        return {"eval/toy": 0.0}
+
+    monkeypatch.setattr(TrainingEvaluator, "dev", slow_dev)
+    config = TrainConfig(
+        model=str(tiny_model_dir), train_file=str(train_samples_dir / "wiki1m_for_simcse.head11914.txt"),
+        data_cache_dir=str(tmp_path / "cache"), global_batch_size=16, learning_rate=1e-3, max_steps=30, log_every=5,
+        eval_steps=10, sts_dir=None, do_export=False, do_test_eval=False,
+    )
+    results = train(config, tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["steps_per_s"] for r in records if "steps_per_s" in r}
+    assert sorted(rates) == [5, 10, 15, 20, 25, 30]
+    steady = [rates[s] for s in sorted(rates)[1:]]  # the first interval holds the first dispatch's warm-up
+    median = statistics.median(steady)
+    # Evaluations (and the saves after them) at steps 10 and 20 fall in the intervals logged at 15 and 25.
+    for step in (15, 25):
+        assert median / 2 <= rates[step] <= 2 * median, (step, rates, median)
+        assert next(r for r in records if r["step"] == step and "steps_per_s" in r)["excluded_seconds"] >= slow_s
+    evals = [r for r in records if "eval/toy" in r]
+    assert [e["step"] for e in evals] == [10, 20, 30] and all(e["eval_seconds"] >= slow_s for e in evals)
+    assert results["eval_seconds"] >= 3 * slow_s and results["checkpoint_seconds"] > 0
+    assert results["train_seconds"] <= results["loop_seconds"] - 3 * slow_s
