@@ -62,10 +62,12 @@ class TorchEmbedder:
     """Sentences -> [n, H] float32 through `transformers.AutoModel` (CPU, eval mode, float32)."""
 
     def __init__(self, folder, *, pooler: str, batch_size: int = 128, max_length: int | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        from simcse_jax.hf_io import load_tokenizer
 
         self.pooler = check_pooler(pooler)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.tokenizer = load_tokenizer(folder)  # refuses a folder without a real tokenizer
         self.model = AutoModel.from_pretrained(str(folder)).eval().float()
         limit = EncoderConfig.from_hf_dict(self.model.config.to_dict()).max_length
         self.max_length = min(max_length, limit) if max_length else limit
@@ -101,7 +103,7 @@ def jax_embedder(model_path, *, pooler: str | None, batch_size: int = 128, max_l
     mesh = make_mesh(mesh_axes or {"data": -1})
     if is_checkpoint_dir(model_path):
         ckpt = load_checkpoint(model_path, mesh=mesh, compute_dtype=dtype)
-        model, tokenizer = ckpt.model, load_tokenizer(ckpt.tokenizer_dir)
+        model, tokenizer = ckpt.model, load_tokenizer(ckpt.tokenizer_dir, vocab_size=ckpt.model.config.vocab_size)
         pooler = pooler or ckpt.eval_pooler
     else:
         if pooler is None:

@@ -271,7 +271,7 @@ def export_checkpoint(ckpt_dir, out_dir, *, pooler: str | None = None, step: int
     ckpt = load_checkpoint(ckpt_dir, step)
     if not ckpt.tokenizer_dir.is_dir():
         raise CheckpointError(f"{ckpt.tokenizer_dir}: tokenizer folder missing from the checkpoint")
-    tokenizer = load_tokenizer(ckpt.tokenizer_dir)
+    tokenizer = load_tokenizer(ckpt.tokenizer_dir, vocab_size=ckpt.model.config.vocab_size)
     return export_model(ckpt.model, tokenizer, out_dir, pooler=pooler or ckpt.eval_pooler, meta=ckpt.meta,
                         scores=scores, overwrite=overwrite, verify=verify)
 
@@ -287,10 +287,10 @@ def import_hf(hf_dir, out_dir, *, pooler: str = "cls", mlp_only_train: bool = Fa
         out = out.expanduser()
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} is not empty; choose another folder or pass --overwrite")
-    if overwrite and out.is_dir():
-        paths.remove(out, recursive=True)
     loaded = load_pretrained(hf_dir)
     tokenizer = load_tokenizer(loaded.path)
+    if overwrite and out.is_dir():  # only once the new model and its tokenizer have loaded
+        paths.remove(out, recursive=True)
     save_checkpoint(out, 0, loaded.model, hf_config=loaded.hf_config, pooler=pooler, mlp_only_train=mlp_only_train,
                     train_config={"imported_from": str(loaded.path)}, tokenizer=tokenizer)
     return out

@@ -256,15 +256,55 @@ def load_pretrained(
     return LoadedEncoder(model, hf, model_dir, weights_file, missing, sorted(ignored))
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """The fast tokenizer of a model folder (or hub id, through `resolve_model_dir`)."""
+# What a refusal tells the user to add: the files `AutoTokenizer` reads for BERT and RoBERTa.
+TOKENIZER_FILES = "tokenizer.json, or vocab.txt (BERT) / vocab.json + merges.txt (RoBERTa), with tokenizer_config.json"
+# Ordinary English whose every word is in any English BERT or RoBERTa vocabulary: a tokenizer
+# that turns most of it into its unknown token cannot be the one the model was trained with.
+_PLAIN_ENGLISH = "The people in the town watched the water from their houses, and then they went back to work."
+_MAX_UNKNOWN_FRACTION = 0.5
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, vocab_size: int | None = None):
+    """The fast tokenizer of a model folder (or hub id, through `resolve_model_dir`), checked
+    against the model it serves.
+
+    `vocab_size` is the model's number of token embeddings; by default config.json's, when the
+    folder has one (a checkpoint's tokenizer folder has none: its callers pass the encoder's).
+    Refused with a CheckpointError naming the folder and the files a tokenizer needs:
+    - a vocabulary larger than `vocab_size`: its top ids index past the embedding table, which a
+      JAX gather clamps without an error;
+    - one under half of `vocab_size`: another model's tokenizer, or none at all: for a folder
+      without tokenizer files transformers 5 builds an empty 5-token BertTokenizer that turns
+      every word into [UNK], and training on that "succeeds";
+    - one that maps most of a plain English sentence to its unknown token.
+    """
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(name_or_path)
+
+    def refuse(reason: str) -> CheckpointError:
+        present = ", ".join(sorted(p.name for p in model_dir.iterdir())) if model_dir.is_dir() else "nothing"
+        return CheckpointError(f"{model_dir}: no usable tokenizer ({reason}); a model folder needs its tokenizer files: "
+                               f"{TOKENIZER_FILES} (present: {present or 'nothing'})")
+
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     except Exception as e:
-        raise CheckpointError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
+        raise refuse(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if vocab_size is None and (model_dir / "config.json").is_file():
+        try:
+            vocab_size = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+        except (OSError, ValueError):
+            pass  # read_config names a broken config.json where the model is loaded
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise refuse(f"its {len(tokenizer)} tokens do not fit the model's vocab_size {vocab_size}")
+    if vocab_size is not None and len(tokenizer) < vocab_size / 2:
+        raise refuse(f"{len(tokenizer)} tokens for a model with vocab_size {vocab_size}")
+    ids = tokenizer(_PLAIN_ENGLISH, add_special_tokens=False)["input_ids"]
+    unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
+    if unknown > _MAX_UNKNOWN_FRACTION * len(ids):
+        raise refuse(f"{unknown} of the {len(ids)} tokens of a plain English sentence are {tokenizer.unk_token}")
+    return tokenizer
 
 
 def minilm_dir() -> Path:
