@@ -307,7 +307,7 @@ def add_mfu(rec: dict, peak_tflops: float | None, ceiling_tflops: float | None) 
     if rec.get("figure") != "train_step" or rec.get("value") is None:
         return rec
     achieved = rec["model_flops_per_step"] / (rec["step_ms_pipelined"] / 1e3) / rec["devices"]  # FLOP/s per device
-    rec["model_tflops_per_s"] = round(achieved / 1e12, 4)
+    rec["model_tflops_per_s"] = float(f"{achieved / 1e12:.4g}")
     rec["mfu_peak"] = None if not peak_tflops else float(f"{achieved / (peak_tflops * 1e12):.4g}")
     rec["mfu_ceiling"] = None if not ceiling_tflops else float(f"{achieved / (ceiling_tflops * 1e12):.4g}")
     return rec
