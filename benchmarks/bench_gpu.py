@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gpu.py --out benchmarks/gpu_out                      # 64,512,4096: all peers
     python benchmarks/bench_gpu.py --peers jax --batch-sizes 512 --peak-tflops 989
-    python benchmarks/bench_gpu.py --tiny --batch-sizes 8 --steps 3 --out /tmp/b  # CPU smoke test
+    python benchmarks/bench_gpu.py --tiny --steps 3 --out /tmp/b                  # CPU smoke test (batch 8, 64)
 
 Needs a CUDA jax (`pip install -e '.[cuda13]'`, README "On a GPU") and a CUDA torch on the same
 machine. No download: both frameworks build a random-init `transformers.BertConfig()` (BERT-base:
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -335,7 +336,8 @@ def markdown_table(meta: dict, records: list[dict]) -> str:
         "",
         f"Datasheet peak {cell(meta['peak_tflops'])} TFLOP/s per device ({meta['peak_source']}); measured bf16 "
         f"{meta['matmul_size']}^3 matmul ceiling {cell(meta['ceiling_tflops'])} TFLOP/s. Pipelined: {meta['steps']} steps "
-        f"dispatched, then one wait (median of {meta['rounds']}); blocking: a wait after every step.",
+        f"dispatched, then one wait (median of {meta['rounds']}); blocking: a wait after every step. Load average "
+        f"{meta['load_average_start']} -> {meta.get('load_average_end', '?')}.",
         "",
         "| peer | batch | pipelined ms | sentences/s | MFU (peak) | MFU (ceiling) | blocking ms | compile s | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -381,7 +383,8 @@ def child_records(args_list: list[str]) -> tuple[list[dict], int]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", default="64,512,4096", help="global sentences per step, comma list (64: the paper's BERT-base)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="global sentences per step, comma list; default 64,512,4096 (64: the paper's BERT-base), --tiny 8,64")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
     p.add_argument("--steps", type=int, default=30, help="steps per timing window")
     p.add_argument("--rounds", type=int, default=3, help="pipelined windows (median) and matmul windows (best)")
@@ -400,6 +403,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.matmul_size is None:
         args.matmul_size = 512 if args.tiny else 8192
+    if args.batch_sizes is None:
+        args.batch_sizes = "8,64" if args.tiny else "64,512,4096"
     return p, args
 
 
@@ -428,7 +433,8 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "matmul_size": args.matmul_size, "peers": {k: PEERS[k] for k in peers},
             "torch_compile_modes": args.torch_compile_modes, "when": time.strftime("%Y-%m-%d %H:%M"),
             "python": platform.python_version(), "device_kind": "?", "peak_tflops": args.peak_tflops,
-            "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet table", "ceiling_tflops": None}
+            "peak_source": "--peak-tflops" if args.peak_tflops else "datasheet table", "ceiling_tflops": None,
+            "load_average_start": round(os.getloadavg()[0], 2)}
     records: list[dict] = []
     out_dir = Path(args.out) if args.out else None
     failed = 0
@@ -461,6 +467,10 @@ def main(argv=None) -> int:
                 recs = [record("train_step", None, "sentences/s", peer=peer, global_batch=b,
                                error=f"child process exited with {rc} (its stderr is above)")]
             take(recs)
+    meta["load_average_end"] = round(os.getloadavg()[0], 2)
+    if out_dir is not None:
+        write_outputs(out_dir, meta, records)
+    emit(record("load_average", [meta["load_average_start"], meta["load_average_end"]], "1-min load at start, end"))
     ratios = jax_vs_best_torch(records)
     for b, v in ratios.items():
         emit(record("jax_vs_best_torch", v["ratio"], "x (sentences/s)", global_batch=b, best_torch_peer=v["best_torch_peer"]))

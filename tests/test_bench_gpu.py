@@ -161,6 +161,8 @@ def test_default_batch_sizes_are_64_512_4096():
     _, args = bench_gpu.parse_args([])
     assert args.batch_sizes == "64,512,4096" and args.matmul_size == 8192
     assert args.peers.split(",") == list(bench_gpu.PEERS)
+    _, tiny = bench_gpu.parse_args(["--tiny"])
+    assert tiny.batch_sizes == "8,64" and tiny.matmul_size == 512
 
 
 def test_unknown_peer_is_one_line_error():
