@@ -294,7 +294,7 @@ def run_one(args, peer: str, b: int) -> dict:
         if not is_oom(e):
             raise
         return record("train_step", None, "sentences/s", **tag, error=f"out of memory: {first_line(e)}")
-    per_s = lambda ms: round(b / (ms / 1e3), 1)
+    per_s = lambda ms: float(f"{b / (ms / 1e3):.5g}")
     return record("train_step", per_s(figures["step_ms_pipelined"]), "sentences/s", **tag,
                   sentences_per_s_blocking=per_s(figures["step_ms_blocking"]), **figures)
 
