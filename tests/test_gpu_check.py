@@ -17,7 +17,7 @@ from test_launch_scripts import SHELLCHECK, needs_shellcheck
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-PHASES = ["env", "bench", "bert", "train_b512", "train_b64", "demo_bf16", "demo_fp32", "summary"]
+PHASES = ["env", "bench", "bert", "train_b512", "demo_bf16", "demo_fp32", "train_b64", "summary"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
