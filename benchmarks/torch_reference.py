@@ -11,6 +11,14 @@ sequence length and threads are the caller's, so both frameworks do the same wor
 
 `amp_dtype=torch.bfloat16` runs the forward under `torch.autocast` (the GPU benchmark's bf16
 mixed precision; fp32 master weights and optimiser state, as in the JAX step).
+
+Two variants make the peer a GPU user would actually pick (benchmarks/bench_gpu.py):
+- `cosine="matmul"`: normalise, then `z1 @ z2.T` [B, H] x [H, B]. The reference's broadcast cosine
+  materialises [B, B, H] (48 GiB in fp32 at B = 4096, H = 768); the matmul gives the same logits
+  (to rounding, tests/test_bench_gpu.py) in [B, B].
+- `compile_mode`: `torch.compile(mode=...)` of the loss (forward + cosine + cross-entropy; AOTAutograd
+  compiles its backward too); clipping and the fused AdamW stay eager, as in the usual compiled
+  training loop. The compile happens at the first call, so a mode that cannot compile fails there.
 """
 
 from __future__ import annotations
@@ -36,7 +44,11 @@ class TorchSimCSEStep:
         amp_dtype: torch.dtype | None = None,
         fused_adamw: bool = False,
         seed: int = 0,
+        cosine: str = "broadcast",
+        compile_mode: str | None = None,
     ):
+        if cosine not in ("broadcast", "matmul"):
+            raise ValueError(f"cosine: expected 'broadcast' (the reference's) or 'matmul', got {cosine!r}")
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.bert = bert.to(self.device).train()
@@ -50,6 +62,20 @@ class TorchSimCSEStep:
         self.max_grad_norm = max_grad_norm
         self.amp_dtype = amp_dtype
         self.cos = nn.CosineSimilarity(dim=-1)
+        self.cosine = cosine
+        # torch.compile checks the mode here (an unknown one raises at once); tracing and code
+        # generation wait for the first call.
+        self.loss_fn = self.loss if compile_mode is None else torch.compile(self.loss, mode=compile_mode)
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [B, B'] of the rows of a [B, H] and b [B', H]."""
+        if self.cosine == "matmul":
+            # eps as CosineSimilarity's (1e-8), on each norm: identical for any non-degenerate row.
+            a = nn.functional.normalize(a, dim=-1, eps=1e-8)
+            b = nn.functional.normalize(b, dim=-1, eps=1e-8)
+            return a @ b.T  # [B, H] x [H, B'] -> [B, B']
+        # (B, 1, H) vs (1, B', H) -> (B, B'), the reference's broadcast cosine.
+        return self.cos(a.unsqueeze(1), b.unsqueeze(0))
 
     def loss(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         b, s, length = input_ids.shape
@@ -66,15 +92,14 @@ class TorchSimCSEStep:
             )
             z = self.mlp(out.last_hidden_state[:, 0]).view(b, s, -1)
         z = z.float()
-        # (B, 1, H) vs (1, B, H) -> (B, B), the reference's broadcast cosine.
-        logits = self.cos(z[:, 0].unsqueeze(1), z[:, 1].unsqueeze(0)) / self.temperature
+        logits = self.similarity(z[:, 0], z[:, 1]) / self.temperature
         if s == 3:
-            logits = torch.cat([logits, self.cos(z[:, 0].unsqueeze(1), z[:, 2].unsqueeze(0)) / self.temperature], 1)
+            logits = torch.cat([logits, self.similarity(z[:, 0], z[:, 2]) / self.temperature], 1)
         labels = torch.arange(b, device=self.device)
         return nn.functional.cross_entropy(logits, labels)
 
     def __call__(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        loss = self.loss(input_ids, attention_mask, token_type_ids)
+        loss = self.loss_fn(input_ids, attention_mask, token_type_ids)
         loss.backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
