@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 
 from simcse_jax import paths
-from simcse_jax.errors import ConfigError
+from simcse_jax.errors import ConfigError, StsDataError
 
 # The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
 # config, a checkpoint's meta and the command line all choose among them.
@@ -233,7 +233,7 @@ def resolve_sts_dir(config: TrainConfig) -> Path | None:
         if not candidate:
             continue
         if paths.is_remote(candidate):
-            from simcse_jax.sts import StsDataError, local_sts_dir
+            from simcse_jax.sts import local_sts_dir
 
             try:
                 return local_sts_dir(candidate)

@@ -25,7 +25,7 @@ from simcse_jax import paths, sts
 from simcse_jax.config import POOLERS, TrainConfig, check_pooler, eval_pooler
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import EncoderConfig
-from simcse_jax.errors import UsageError
+from simcse_jax.errors import CheckpointError, UsageError
 from simcse_jax.objective import embed_views
 from simcse_jax.sharding import batch_sharding, data_parallel_size
 from simcse_jax.train_step import objective_config
@@ -122,7 +122,7 @@ def local_model_dir(model_path):
     anything else unchanged (a gs:// checkpoint is read by orbax where it is)."""
     if not paths.is_remote(model_path):
         return model_path
-    from simcse_jax.hf_io import CheckpointError, resolve_model_dir
+    from simcse_jax.hf_io import resolve_model_dir
 
     try:
         paths.check_readable(model_path, kind="folder")

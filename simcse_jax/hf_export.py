@@ -32,8 +32,7 @@ from flax import nnx
 from simcse_jax import paths
 from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder, with_compute_dtype
-from simcse_jax.errors import ExportError
-from simcse_jax.hf_io import CheckpointError
+from simcse_jax.errors import CheckpointError, ExportError
 
 VERIFY_TOL = 1e-5
 VERIFY_SENTENCES = (

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from simcse_jax.hf_io import CheckpointError, hf_key_to_path, load_pretrained, resolve_model_dir
+from simcse_jax.errors import CheckpointError
+from simcse_jax.hf_io import hf_key_to_path, load_pretrained, resolve_model_dir
 
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=24)
