@@ -21,28 +21,7 @@ from pathlib import Path
 
 from simcse_jax import paths
 from simcse_jax.errors import ConfigError, StsDataError
-
-# The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
-# config, a checkpoint's meta and the command line all choose among them.
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")
-
-
-def check_pooler(pooler: str, where: str = "pooler") -> str:
-    if pooler not in POOLERS:
-        raise ConfigError(f"{where}: unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
-    return pooler
-
-
-def eval_pooler(pooler: str, mlp_only_train: bool, explicit: str | None = None) -> str:
-    """The pooler that evaluates and exports a model trained with `pooler`.
-
-    The one place this is decided. The unsupervised recipe (`cls` with `mlp_only_train`) trains
-    through the MLP and drops it at evaluation: `cls_before_pooler`. `explicit` (a config's
-    `eval_pooler`, a `--pooler` flag) wins.
-    """
-    if explicit:
-        return check_pooler(explicit, "eval_pooler")
-    return "cls_before_pooler" if pooler == "cls" and mlp_only_train else pooler
+from simcse_jax.poolers import check_pooler
 
 
 @dataclasses.dataclass
@@ -254,13 +233,12 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
     def bad(key, why):
         raise ConfigError(f"{key}: {why} (got {getattr(c, key)!r})")
 
-    if c.pooler not in POOLERS:
-        bad("pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    check_pooler(c.pooler, "pooler")
     for key in ("log_every", "preemption_check_steps", "prefetch_batches"):
         if getattr(c, key) < 1:
             bad(key, "must be >= 1")
-    if c.eval_pooler is not None and c.eval_pooler not in POOLERS:
-        bad("eval_pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    if c.eval_pooler is not None:
+        check_pooler(c.eval_pooler, "eval_pooler")
     for key in ("compute_dtype", "eval_dtype"):
         if getattr(c, key) not in ("float32", "bfloat16", "float16"):
             bad(key, "must be float32, bfloat16 or float16")

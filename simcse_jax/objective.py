@@ -12,7 +12,7 @@ the paper's "fixed 0.1" ablation, which collapses). jax's threefry is partitiona
 checked below), so the masks do not depend on how the rows are sharded.
 
 The `cls` pooler applies the SimCSE MLP to every view in training; `mlp_only_train` drops it at
-evaluation (`eval_apply_mlp`). The MLM loss is a second forward over `mlm_input_ids` without the
+evaluation (`poolers.eval_pooler`). The MLM loss is a second forward over `mlm_input_ids` without the
 pooler, as in the reference; total = simcse + mlm_weight * mlm.
 
 Dropout keys: the caller passes one key per step. The batch is embedded in `num_chunks` chunks
@@ -37,7 +37,7 @@ from flax import nnx
 
 from simcse_jax.encoder import Encoder
 from simcse_jax.losses import alignment, masked_lm_loss_sum, simcse_loss_and_accuracy, uniformity
-from simcse_jax.poolers import check_pooler, needs_hidden_states, pool
+from simcse_jax.poolers import check_pooler, eval_pooler, needs_hidden_states, pool
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 MLM_KEYS = ("mlm_input_ids", "mlm_labels")
@@ -74,12 +74,8 @@ class ObjectiveConfig:
             )
 
     @property
-    def train_apply_mlp(self) -> bool:
-        return self.pooler == "cls"
-
-    @property
-    def eval_apply_mlp(self) -> bool:
-        return self.pooler == "cls" and not self.mlp_only_train
+    def eval_pooler(self) -> str:
+        return eval_pooler(self.pooler, self.mlp_only_train)
 
 
 if not jax.config.jax_threefry_partitionable:  # pragma: no cover - default since jax 0.5
@@ -116,7 +112,7 @@ def embed_views(model: Encoder, batch: dict, cfg: ObjectiveConfig, key: jax.Arra
         flat["input_ids"], flat["attention_mask"], flat["token_type_ids"],
         dropout_key=_sub(key, 0), output_hidden_states=needs_hidden_states(cfg.pooler),
     )
-    z = pool(cfg.pooler, out, flat["attention_mask"], model, apply_mlp=cfg.train_apply_mlp)
+    z = pool(cfg.pooler, out, flat["attention_mask"], model)
     return z.reshape(b, s, z.shape[-1])
 
 
@@ -242,5 +238,6 @@ def objective_fn(
 
 def eval_embeddings(model: Encoder, input_ids, attention_mask, token_type_ids, cfg: ObjectiveConfig) -> jax.Array:
     """Deterministic sentence embeddings [b, H] as used at evaluation (mlp_only_train honoured)."""
-    out = model(input_ids, attention_mask, token_type_ids, output_hidden_states=needs_hidden_states(cfg.pooler))
-    return pool(cfg.pooler, out, attention_mask, model, apply_mlp=cfg.eval_apply_mlp)
+    pooler = cfg.eval_pooler
+    out = model(input_ids, attention_mask, token_type_ids, output_hidden_states=needs_hidden_states(pooler))
+    return pool(pooler, out, attention_mask, model)

@@ -61,7 +61,7 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
 from simcse_jax import distributed, paths, sts
-from simcse_jax.config import TrainConfig, check_resume, eval_pooler, load_config, resolve_sts_dir, validate
+from simcse_jax.config import TrainConfig, check_resume, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, EncoderConfig, encoder_graphdef
@@ -70,6 +70,7 @@ from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir, read_config, resolve_model_dir
 from simcse_jax.metrics_log import MetricsLog
 from simcse_jax.optim import make_optimizer
+from simcse_jax.poolers import eval_pooler
 from simcse_jax.sharding import data_parallel_size, make_mesh
 from simcse_jax.train_step import (
     abstract_train_state,
