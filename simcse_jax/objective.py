@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simcse_jax.config import check_objective, grad_cache_chunks
 from simcse_jax.encoder import Encoder
 from simcse_jax.losses import alignment, masked_lm_loss_sum, simcse_loss_and_accuracy, uniformity
-from simcse_jax.poolers import check_pooler, eval_pooler, needs_hidden_states, pool
+from simcse_jax.poolers import eval_pooler, needs_hidden_states, pool
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 MLM_KEYS = ("mlm_input_ids", "mlm_labels")
@@ -54,24 +55,13 @@ class ObjectiveConfig:
     do_mlm: bool = False
     mlm_weight: float = 0.1
     # Gradient caching: global rows per chunk (0 or None = one forward/backward over the whole
-    # batch). Field names are TrainConfig's: `train_step.objective_config` copies the shared fields.
+    # batch). Field names are TrainConfig's; `train_step.objective_config` sets each one.
     grad_cache_chunk_size: int | None = None
     # Refused above 1: see the module docstring (use grad_cache_chunk_size instead).
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
-        check_pooler(self.pooler, "objective.pooler")
-        if not self.temperature > 0:
-            raise ValueError(f"objective.temperature must be > 0, got {self.temperature}")
-        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 0:
-            raise ValueError(f"objective.grad_cache_chunk_size must be >= 0 or None, got {self.grad_cache_chunk_size}")
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"objective.gradient_accumulation_steps={self.gradient_accumulation_steps}: micro-batch gradient "
-                "accumulation is not equivalent for the contrastive loss (each row's negatives are the whole batch, "
-                "so the mean of micro-batch losses is a different objective with fewer negatives). Set "
-                "grad_cache_chunk_size to bound memory while keeping the exact full-batch gradient."
-            )
+        check_objective(self, "objective.")  # the same rules as config.validate's
 
     @property
     def eval_pooler(self) -> str:
@@ -152,18 +142,9 @@ def from_chunks(y: jax.Array, data_parallel: int) -> jax.Array:
 
 
 def num_chunks_for(cfg: ObjectiveConfig, global_batch: int, data_parallel: int) -> int:
-    """How many chunks `grad_cache_chunk_size` makes of this batch; errors name the config key."""
-    if global_batch % data_parallel:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {data_parallel} data-parallel devices")
-    c = cfg.grad_cache_chunk_size
-    if not c or c >= global_batch:
-        return 1
-    if global_batch % c or c % data_parallel:
-        raise ValueError(
-            f"objective.grad_cache_chunk_size={c} must divide the global batch {global_batch} and be a "
-            f"multiple of the {data_parallel} data-parallel devices (every chunk spans all of them)"
-        )
-    return global_batch // c
+    """How many chunks `grad_cache_chunk_size` makes of this batch (`config.grad_cache_chunks`,
+    the rule `validate` applies); errors name the config key."""
+    return grad_cache_chunks(cfg.grad_cache_chunk_size, global_batch, data_parallel)
 
 
 # ----------------------------------------------------------------------------- the objective
