@@ -26,6 +26,7 @@ from simcse_jax.config import TrainConfig
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import EncoderConfig
 from simcse_jax.errors import CheckpointError, UsageError
+from simcse_jax.losses import alignment, uniformity
 from simcse_jax.objective import embed_views
 from simcse_jax.poolers import POOLERS, check_pooler, eval_pooler, needs_hidden_states, torch_pool
 from simcse_jax.sharding import batch_sharding, data_parallel_size
@@ -194,10 +195,8 @@ class TrainingEvaluator:
         with jax.set_mesh(self.mesh):
             z = views(params, batch, jax.random.key(0))
         z = np.asarray(z, np.float64)
-        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
         e = self._encoder(params)(lines).astype(np.float64)
-        return {"alignment": float(((z[:, 0] - z[:, 1]) ** 2).sum(-1).mean()),
-                "uniformity": sts.uniformity(e / np.linalg.norm(e, axis=-1, keepdims=True))}
+        return {"alignment": float(alignment(z[:, 0], z[:, 1])), "uniformity": float(uniformity(e))}
 
 
 def eval_line(step: int, scores: dict[str, float], best_score: float, best_step: int | None) -> str:
