@@ -27,7 +27,7 @@ from simcse_jax.poolers import check_pooler
 @dataclasses.dataclass
 class TrainConfig:
     # --- model
-    model: str = "bert-base-uncased"  # Hugging Face folder or hub id ("minilm": the installed all-MiniLM-L6-v2)
+    model: str = "bert-base-uncased"  # Hugging Face folder, gs:// folder, hub id, or builtin:minilm (hf_io.resolve_model_dir)
     compute_dtype: str = "float32"  # "bfloat16" on TPU/GPU; parameters and optimizer state stay float32
     hidden_dropout_prob: float | None = None  # None: the checkpoint's config.json (0.1 for BERT/RoBERTa)
     attention_probs_dropout_prob: float | None = None

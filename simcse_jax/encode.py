@@ -240,7 +240,8 @@ def encode_file(encoder: SentenceEncoder, in_path: str | Path, output: str | Pat
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("encode", help="embed one sentence per line into a float32 .npy")
-    p.add_argument("--model", default=None, help="Hugging Face model folder or hub id (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--model", default="builtin:minilm",
+                   help="Hugging Face model folder, gs:// folder, hub id or builtin:minilm (default: the installed all-MiniLM-L6-v2)")
     p.add_argument("--pooler", default="avg", choices=POOLERS)
     p.add_argument("--input", required=True, help="text file, one sentence per line")
     p.add_argument("--output", required=True, help="where to write the [n, H] float32 .npy")
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from simcse_jax import paths
-    from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer
     from simcse_jax.malloc_tuning import keep_freed_memory
     from simcse_jax.sharding import make_mesh, shard_model
 
@@ -285,8 +286,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--chunk-lines must be >= 1, got {args.chunk_lines}")
     # --no-mlp: the model was trained with mlp_only_train (cls -> cls_before_pooler).
     pooler = eval_pooler(args.pooler, mlp_only_train=args.no_mlp)
-    model_path = args.model or minilm_dir()
-    loaded = load_pretrained(model_path, compute_dtype=args.dtype)
+    loaded = load_pretrained(args.model, compute_dtype=args.dtype)  # hf_io.resolve_model_dir: every kind of name
     tokenizer = load_tokenizer(loaded.path)
     mesh = make_mesh(parse_mesh_arg(args.mesh))
     model = shard_model(loaded.model, mesh)

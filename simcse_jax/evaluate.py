@@ -95,12 +95,15 @@ def load_tasks(sts_dir, tasks: Sequence[str], split: str, *, all_splits: bool = 
 
 
 def local_model_dir(model_path):
-    """A gs:// Hugging Face folder -> its local cached copy (both backends read local files);
-    anything else unchanged (a gs:// checkpoint is read by orbax where it is)."""
+    """A gs:// Hugging Face folder -> its local cached copy (both backends read local files), a
+    `builtin:` name -> its folder (`hf_io.resolve_model_dir`); anything else unchanged (a gs://
+    checkpoint is read by orbax where it is)."""
+    from simcse_jax.hf_io import BUILTIN_MODEL_PREFIX, resolve_model_dir
+
+    if str(model_path).startswith(BUILTIN_MODEL_PREFIX):
+        return resolve_model_dir(model_path)
     if not paths.is_remote(model_path):
         return model_path
-    from simcse_jax.hf_io import resolve_model_dir
-
     try:
         paths.check_readable(model_path, kind="folder")
     except paths.PathError as e:
