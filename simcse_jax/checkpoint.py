@@ -39,9 +39,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from simcse_jax import paths
-from simcse_jax.config import eval_pooler
 from simcse_jax.encoder import Encoder, EncoderConfig
 from simcse_jax.errors import CheckpointError, CheckpointWriteError
+from simcse_jax.poolers import eval_pooler
 
 TOKENIZER_SUBDIR = "tokenizer"
 JSON_ITEMS = frozenset({"meta", "data_state"})

@@ -20,35 +20,14 @@ import typing
 from pathlib import Path
 
 from simcse_jax import paths
-from simcse_jax.errors import ConfigError
-
-# The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
-# config, a checkpoint's meta and the command line all choose among them.
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")
-
-
-def check_pooler(pooler: str, where: str = "pooler") -> str:
-    if pooler not in POOLERS:
-        raise ConfigError(f"{where}: unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
-    return pooler
-
-
-def eval_pooler(pooler: str, mlp_only_train: bool, explicit: str | None = None) -> str:
-    """The pooler that evaluates and exports a model trained with `pooler`.
-
-    The one place this is decided. The unsupervised recipe (`cls` with `mlp_only_train`) trains
-    through the MLP and drops it at evaluation: `cls_before_pooler`. `explicit` (a config's
-    `eval_pooler`, a `--pooler` flag) wins.
-    """
-    if explicit:
-        return check_pooler(explicit, "eval_pooler")
-    return "cls_before_pooler" if pooler == "cls" and mlp_only_train else pooler
+from simcse_jax.errors import ConfigError, StsDataError
+from simcse_jax.poolers import check_pooler
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # --- model
-    model: str = "bert-base-uncased"  # Hugging Face folder or hub id ("minilm": the installed all-MiniLM-L6-v2)
+    model: str = "bert-base-uncased"  # Hugging Face folder, gs:// folder, hub id, or builtin:minilm (hf_io.resolve_model_dir)
     compute_dtype: str = "float32"  # "bfloat16" on TPU/GPU; parameters and optimizer state stay float32
     hidden_dropout_prob: float | None = None  # None: the checkpoint's config.json (0.1 for BERT/RoBERTa)
     attention_probs_dropout_prob: float | None = None
@@ -233,7 +212,7 @@ def resolve_sts_dir(config: TrainConfig) -> Path | None:
         if not candidate:
             continue
         if paths.is_remote(candidate):
-            from simcse_jax.sts import StsDataError, local_sts_dir
+            from simcse_jax.sts import local_sts_dir
 
             try:
                 return local_sts_dir(candidate)
@@ -247,6 +226,62 @@ def resolve_sts_dir(config: TrainConfig) -> Path | None:
     return None
 
 
+# ----------------------------------------------------------------------------- shared rules
+# Rules for the keys that the objective and the optimiser take over (train_step.objective_config,
+# optim_config): `validate` and ObjectiveConfig / OptimConfig call these same functions, so each
+# rule is written once. `prefix` names the section ("objective.") for a config built directly.
+
+
+def _refuse(key: str, value, why: str):
+    raise ConfigError(f"{key}: {why} (got {value!r})")
+
+
+def check_objective(c, prefix: str = "") -> None:
+    """The rules on the objective's keys; `c` has ObjectiveConfig's fields (a TrainConfig does)."""
+    check_pooler(c.pooler, f"{prefix}pooler")
+    if not c.temperature > 0:
+        _refuse(f"{prefix}temperature", c.temperature, "must be positive")
+    for key in ("mlm_weight", "grad_cache_chunk_size"):
+        value = getattr(c, key)
+        if value is not None and value < 0:
+            _refuse(prefix + key, value, "must not be negative")
+    if c.gradient_accumulation_steps != 1:
+        _refuse(
+            prefix + "gradient_accumulation_steps", c.gradient_accumulation_steps,
+            "micro-batch accumulation is not equivalent for the contrastive loss: each row's negatives are the "
+            "whole batch, so accumulating micro-batch gradients would shrink the in-batch negatives to each "
+            "micro-batch and change the contrastive objective; use grad_cache_chunk_size for batches larger "
+            "than memory (the exact full-batch gradient)",
+        )
+
+
+def check_optim(c, prefix: str = "") -> None:
+    """The rules on the optimiser's keys; `c` has OptimConfig's fields except total_steps."""
+    if not c.learning_rate > 0:
+        _refuse(f"{prefix}learning_rate", c.learning_rate, "must be positive")
+    for key in ("warmup_steps", "weight_decay"):
+        if getattr(c, key) < 0:
+            _refuse(prefix + key, getattr(c, key), "must not be negative")
+    if c.reference_world_size < 1:
+        _refuse(f"{prefix}reference_world_size", c.reference_world_size, "must be >= 1")
+
+
+def grad_cache_chunks(chunk_size: int | None, global_batch: int, data_parallel: int) -> int:
+    """How many chunks gradient caching makes of a global batch (1: off); the rule on
+    global_batch_size and grad_cache_chunk_size, whoever asks (`validate`, the update step)."""
+    if global_batch % data_parallel:
+        _refuse("global_batch_size", global_batch, f"must be a multiple of the data-parallel size data*fsdp = {data_parallel}")
+    if not chunk_size or chunk_size == global_batch:
+        return 1
+    if global_batch % chunk_size or chunk_size % data_parallel:
+        _refuse(
+            "grad_cache_chunk_size", chunk_size,
+            f"must divide global_batch_size {global_batch} and be a multiple of the data-parallel size {data_parallel} "
+            "(every chunk spans all the data-parallel devices)",
+        )
+    return global_batch // chunk_size
+
+
 def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True) -> None:
     """Raises ConfigError naming the first bad key; called before any compilation."""
     c = config
@@ -254,22 +289,21 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
     def bad(key, why):
         raise ConfigError(f"{key}: {why} (got {getattr(c, key)!r})")
 
-    if c.pooler not in POOLERS:
-        bad("pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    check_objective(c)
+    check_optim(c)
     for key in ("log_every", "preemption_check_steps", "prefetch_batches"):
         if getattr(c, key) < 1:
             bad(key, "must be >= 1")
-    if c.eval_pooler is not None and c.eval_pooler not in POOLERS:
-        bad("eval_pooler", f"unknown pooler; choose one of {', '.join(POOLERS)}")
+    if c.eval_pooler is not None:
+        check_pooler(c.eval_pooler, "eval_pooler")
     for key in ("compute_dtype", "eval_dtype"):
         if getattr(c, key) not in ("float32", "bfloat16", "float16"):
             bad(key, "must be float32, bfloat16 or float16")
-    for key in ("learning_rate", "temperature", "global_batch_size", "max_seq_length", "eval_batch_size"):
+    for key in ("global_batch_size", "max_seq_length", "eval_batch_size"):
         if not getattr(c, key) > 0:
             bad(key, "must be positive")
-    for key in ("warmup_steps", "weight_decay", "mlm_weight", "grad_cache_chunk_size", "save_steps"):
-        if getattr(c, key) < 0:
-            bad(key, "must not be negative")
+    if c.save_steps < 0:
+        bad("save_steps", "must not be negative")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         value = getattr(c, key)
         if value is not None and not 0.0 <= value < 1.0:
@@ -291,14 +325,6 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
         bad("mlp_init", "must be 'fresh' or 'checkpoint'")
     if c.on_nonfinite not in ("stop", "skip"):
         bad("on_nonfinite", "must be 'stop' or 'skip'")
-    if c.reference_world_size < 1:
-        bad("reference_world_size", "must be >= 1")
-    if c.gradient_accumulation_steps != 1:
-        bad(
-            "gradient_accumulation_steps",
-            "micro-batch accumulation would shrink the in-batch negatives to each micro-batch and "
-            "change the contrastive objective; use grad_cache_chunk_size for batches larger than memory",
-        )
     sizes = {"data": c.mesh_data, "fsdp": c.mesh_fsdp, "tensor": c.mesh_tensor}
     if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
         bad("mesh_data", f"mesh sizes {sizes}: each positive, at most one -1")
@@ -310,15 +336,7 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
     resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
     if resolved["data"] * resolved["fsdp"] * resolved["tensor"] != num_devices:
         bad("mesh_data", f"mesh sizes {resolved} use {resolved['data'] * resolved['fsdp'] * resolved['tensor']} of {num_devices} devices")
-    data_parallel = resolved["data"] * resolved["fsdp"]
-    if c.global_batch_size % data_parallel:
-        bad("global_batch_size", f"must be a multiple of the data-parallel size data*fsdp = {data_parallel}")
-    if c.grad_cache_chunk_size:
-        if c.global_batch_size % c.grad_cache_chunk_size or c.grad_cache_chunk_size % data_parallel:
-            bad(
-                "grad_cache_chunk_size",
-                f"must divide global_batch_size {c.global_batch_size} and be a multiple of the data-parallel size {data_parallel}",
-            )
+    grad_cache_chunks(c.grad_cache_chunk_size, c.global_batch_size, resolved["data"] * resolved["fsdp"])
     if check_files and paths.is_remote(c.train_file):
         try:  # a missing bucket or object, no credentials, an unreachable endpoint: one line naming the URL
             paths.check_readable(c.train_file)

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from simcse_jax import paths
-from simcse_jax.data_readers import DataError, RawExamples, file_fingerprint, read_examples
+from simcse_jax.data_readers import RawExamples, file_fingerprint, read_examples
+from simcse_jax.errors import DataError
 from simcse_jax.masking import mask_tokens
 
 log = logging.getLogger(__name__)

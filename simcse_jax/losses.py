@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.special
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -36,11 +38,18 @@ IGNORE_INDEX = -100
 COSINE_EPS = 1e-8
 
 
+def _xp(*arrays):
+    """numpy for host arrays (evaluation: float64), jax.numpy otherwise (the step: float32)."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def normalize_rows(z: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm, in float32 (norm floored at 1e-8, as torch's cosine)."""
-    z = z.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
-    return z / jnp.maximum(norm, COSINE_EPS)
+    """Rows scaled to unit L2 norm (norm floored at 1e-8, as torch's cosine): float32 for jax
+    arrays, float64 for numpy arrays."""
+    xp = _xp(z)
+    z = z.astype(xp.float64 if xp is np else jnp.float32)
+    norm = xp.sqrt(xp.sum(z * z, axis=-1, keepdims=True))
+    return z / xp.maximum(norm, COSINE_EPS)
 
 
 def _hard_negative_bonus(rows: int, offset, num_keys: int, weight: float) -> jax.Array:
@@ -150,18 +159,31 @@ def masked_lm_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
     return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
+# Alignment and uniformity: the one implementation, for the training step's measurements (jax
+# arrays, float32, in the graph) and for evaluation (numpy arrays, float64: sts.py on STS-B and
+# the trainer's held-out statistics), so every reported number is the same formula.
+
+
 def alignment(z1: jax.Array, z2: jax.Array) -> jax.Array:
     """Wang & Isola alignment (alpha = 2): mean |f(x) - f(x+)|^2 over positive pairs, normalised."""
+    xp = _xp(z1, z2)
     d = normalize_rows(z1) - normalize_rows(z2)
-    return jnp.mean(jnp.sum(d * d, axis=-1))
+    return xp.mean(xp.sum(d * d, axis=-1))
 
 
 def uniformity(z: jax.Array, t: float = 2.0) -> jax.Array:
     """Wang & Isola uniformity: log mean_{i != j} exp(-t |f(x_i) - f(x_j)|^2), normalised rows."""
+    xp = _xp(z)
     zn = normalize_rows(z)
     # (B, H) . (H, B) -> (B, B); |a - b|^2 = 2 - 2 a.b for unit vectors.
-    sq = constrain_rows(jnp.maximum(2.0 - 2.0 * jnp.einsum("bh,ch->bc", zn, zn, precision=jax.lax.Precision.HIGHEST), 0.0))
+    if xp is np:
+        gram = zn @ zn.T
+        logsumexp = scipy.special.logsumexp
+    else:
+        gram = constrain_rows(jnp.einsum("bh,ch->bc", zn, zn, precision=jax.lax.Precision.HIGHEST))
+        logsumexp = jax.nn.logsumexp
+    sq = xp.maximum(2.0 - 2.0 * gram, 0.0)
     n = z.shape[0]
-    off_diag = ~jnp.eye(n, dtype=bool)
+    off_diag = ~xp.eye(n, dtype=bool)
     # log-sum-exp over the n(n-1) distinct ordered pairs (the same mean as over unordered pairs).
-    return jax.nn.logsumexp(jnp.where(off_diag, -t * sq, -jnp.inf)) - jnp.log(float(n * (n - 1)))
+    return logsumexp(xp.where(off_diag, -t * sq, -xp.inf)) - xp.log(float(n * (n - 1)))

@@ -12,7 +12,7 @@ the paper's "fixed 0.1" ablation, which collapses). jax's threefry is partitiona
 checked below), so the masks do not depend on how the rows are sharded.
 
 The `cls` pooler applies the SimCSE MLP to every view in training; `mlp_only_train` drops it at
-evaluation (`eval_apply_mlp`). The MLM loss is a second forward over `mlm_input_ids` without the
+evaluation (`poolers.eval_pooler`). The MLM loss is a second forward over `mlm_input_ids` without the
 pooler, as in the reference; total = simcse + mlm_weight * mlm.
 
 Dropout keys: the caller passes one key per step. The batch is embedded in `num_chunks` chunks
@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simcse_jax.config import check_objective, grad_cache_chunks
 from simcse_jax.encoder import Encoder
 from simcse_jax.losses import alignment, masked_lm_loss_sum, simcse_loss_and_accuracy, uniformity
-from simcse_jax.poolers import check_pooler, needs_hidden_states, pool
+from simcse_jax.poolers import eval_pooler, needs_hidden_states, pool
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 MLM_KEYS = ("mlm_input_ids", "mlm_labels")
@@ -54,32 +55,17 @@ class ObjectiveConfig:
     do_mlm: bool = False
     mlm_weight: float = 0.1
     # Gradient caching: global rows per chunk (0 or None = one forward/backward over the whole
-    # batch). Field names are TrainConfig's: `train_step.objective_config` copies the shared fields.
+    # batch). Field names are TrainConfig's; `train_step.objective_config` sets each one.
     grad_cache_chunk_size: int | None = None
     # Refused above 1: see the module docstring (use grad_cache_chunk_size instead).
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
-        check_pooler(self.pooler, "objective.pooler")
-        if not self.temperature > 0:
-            raise ValueError(f"objective.temperature must be > 0, got {self.temperature}")
-        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 0:
-            raise ValueError(f"objective.grad_cache_chunk_size must be >= 0 or None, got {self.grad_cache_chunk_size}")
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"objective.gradient_accumulation_steps={self.gradient_accumulation_steps}: micro-batch gradient "
-                "accumulation is not equivalent for the contrastive loss (each row's negatives are the whole batch, "
-                "so the mean of micro-batch losses is a different objective with fewer negatives). Set "
-                "grad_cache_chunk_size to bound memory while keeping the exact full-batch gradient."
-            )
+        check_objective(self, "objective.")  # the same rules as config.validate's
 
     @property
-    def train_apply_mlp(self) -> bool:
-        return self.pooler == "cls"
-
-    @property
-    def eval_apply_mlp(self) -> bool:
-        return self.pooler == "cls" and not self.mlp_only_train
+    def eval_pooler(self) -> str:
+        return eval_pooler(self.pooler, self.mlp_only_train)
 
 
 if not jax.config.jax_threefry_partitionable:  # pragma: no cover - default since jax 0.5
@@ -116,7 +102,7 @@ def embed_views(model: Encoder, batch: dict, cfg: ObjectiveConfig, key: jax.Arra
         flat["input_ids"], flat["attention_mask"], flat["token_type_ids"],
         dropout_key=_sub(key, 0), output_hidden_states=needs_hidden_states(cfg.pooler),
     )
-    z = pool(cfg.pooler, out, flat["attention_mask"], model, apply_mlp=cfg.train_apply_mlp)
+    z = pool(cfg.pooler, out, flat["attention_mask"], model)
     return z.reshape(b, s, z.shape[-1])
 
 
@@ -156,18 +142,9 @@ def from_chunks(y: jax.Array, data_parallel: int) -> jax.Array:
 
 
 def num_chunks_for(cfg: ObjectiveConfig, global_batch: int, data_parallel: int) -> int:
-    """How many chunks `grad_cache_chunk_size` makes of this batch; errors name the config key."""
-    if global_batch % data_parallel:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {data_parallel} data-parallel devices")
-    c = cfg.grad_cache_chunk_size
-    if not c or c >= global_batch:
-        return 1
-    if global_batch % c or c % data_parallel:
-        raise ValueError(
-            f"objective.grad_cache_chunk_size={c} must divide the global batch {global_batch} and be a "
-            f"multiple of the {data_parallel} data-parallel devices (every chunk spans all of them)"
-        )
-    return global_batch // c
+    """How many chunks `grad_cache_chunk_size` makes of this batch (`config.grad_cache_chunks`,
+    the rule `validate` applies); errors name the config key."""
+    return grad_cache_chunks(cfg.grad_cache_chunk_size, global_batch, data_parallel)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -242,5 +219,6 @@ def objective_fn(
 
 def eval_embeddings(model: Encoder, input_ids, attention_mask, token_type_ids, cfg: ObjectiveConfig) -> jax.Array:
     """Deterministic sentence embeddings [b, H] as used at evaluation (mlp_only_train honoured)."""
-    out = model(input_ids, attention_mask, token_type_ids, output_hidden_states=needs_hidden_states(cfg.pooler))
-    return pool(cfg.pooler, out, attention_mask, model, apply_mlp=cfg.eval_apply_mlp)
+    pooler = cfg.eval_pooler
+    out = model(input_ids, attention_mask, token_type_ids, output_hidden_states=needs_hidden_states(pooler))
+    return pool(pooler, out, attention_mask, model)

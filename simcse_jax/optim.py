@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simcse_jax.config import check_optim
+
 TORCH_CLIP_EPS = 1e-6
 NO_DECAY_MODULES = ("LayerNorm", "layer_norm")
 
@@ -48,7 +50,7 @@ class OptimConfig:
     learning_rate: float = 3e-5  # the reference's unsup BERT-base rate (HF's default is 5e-5)
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    # Field names are TrainConfig's: `train_step.optim_config` copies the fields both declare.
+    # Field names are TrainConfig's; `train_step.optim_config` sets each one.
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -58,12 +60,10 @@ class OptimConfig:
     def __post_init__(self):
         if self.total_steps < 1:
             raise ValueError(f"optim.total_steps must be >= 1, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        check_optim(self, "optim.")  # the same rules as config.validate's
+        # total_steps comes from the data (train.py), so only here can warmup be checked against it.
+        if self.warmup_steps > self.total_steps:
             raise ValueError(f"optim.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-        if self.learning_rate < 0 or self.weight_decay < 0:
-            raise ValueError("optim.learning_rate and optim.weight_decay must be >= 0")
-        if self.reference_world_size < 1:
-            raise ValueError(f"optim.reference_world_size must be >= 1, got {self.reference_world_size}")
 
     @property
     def contrastive_scale(self) -> float:

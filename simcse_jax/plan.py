@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from simcse_jax.config import TrainConfig, load_config, validate
-from simcse_jax.errors import SimcseError, UsageError
+from simcse_jax.errors import CheckpointError, SimcseError, UsageError
 from simcse_jax.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
 from simcse_jax.topology import devices_for, ensure_cpu_devices, parse_topology
 
@@ -67,26 +67,18 @@ class PlanError(SimcseError, RuntimeError):
 
 
 def model_config(name: str) -> tuple[dict, str]:
-    """(Hugging Face config dict, where it came from) for the config's `model`."""
-    from simcse_jax.hf_io import read_config
-    from simcse_jax.train import MODEL_ALIASES
+    """(Hugging Face config dict, where it came from) for the config's `model`: the trainer's
+    resolver (`hf_io.resolve_model_dir`, config.json only), except that a Hub id whose shapes are
+    built in here is planned without the network."""
+    from simcse_jax.hf_io import read_config, resolve_model_dir
 
-    if name in MODEL_ALIASES:
-        path = Path(MODEL_ALIASES[name]())
-        return read_config(path), str(path / "config.json")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return read_config(path), str(path / "config.json")
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_MODELS and not Path(name).expanduser().is_dir():
         return dict(BUILTIN_MODELS[name]), f"built-in shapes of {name}"
     try:
-        from huggingface_hub import hf_hub_download
-
-        return read_config(Path(hf_hub_download(name, "config.json")).parent), f"{name} (Hugging Face Hub config.json)"
-    except Exception as e:
-        raise PlanError(f"model {name!r}: not a local folder, not one of the built-in shapes "
-                        f"({', '.join(BUILTIN_MODELS)}), and its config.json could not be fetched ({type(e).__name__}); "
-                        "pass a folder holding config.json") from e
+        path = resolve_model_dir(name, config_only=True)
+    except CheckpointError as e:
+        raise PlanError(f"{e} (the planner also knows the shapes of {', '.join(BUILTIN_MODELS)})") from e
+    return read_config(path), str(path / "config.json")
 
 
 def views_per_example(config: TrainConfig) -> tuple[int, str]:

@@ -266,22 +266,18 @@ def format_table(numbers: dict[str, float]) -> str:
     return "\n".join([sep, row(names), sep, row(cells), sep])
 
 
-def uniformity(unit: np.ndarray, t: float = 2.0) -> float:
-    """log mean exp(-t ||x - y||^2) over all pairs of distinct rows of unit vectors [n, H]."""
-    sq = np.maximum(2.0 - 2.0 * (unit @ unit.T), 0.0)  # (n, H) . (H, n) -> (n, n) squared distances
-    iu = np.triu_indices(len(unit), k=1)
-    return float(np.log(np.mean(np.exp(-t * sq[iu]))))
-
-
 def alignment_uniformity(task: StsTask, vectors: dict[str, np.ndarray], *, threshold: float = 4.0) -> dict:
     """Wang & Isola (2020) on normalised embeddings, as the SimCSE paper measures them on STS-B.
 
     alignment = mean ||f(x) - f(y)||^2 over pairs with gold > threshold (positive pairs);
-    uniformity = log mean exp(-2 ||f(x) - f(y)||^2) over all pairs of distinct sentences.
+    uniformity = log mean exp(-2 ||f(x) - f(y)||^2) over all pairs of distinct sentences
+    (`losses.alignment` / `losses.uniformity`, in float64).
     """
-    def unit(rows):
-        m = np.stack(rows).astype(np.float64)
-        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    # Imported here: reading and scoring STS (download-sts, the torch backend) needs no jax.
+    from simcse_jax.losses import alignment, uniformity
+
+    def rows(vecs):
+        return np.stack(vecs).astype(np.float64)
 
     # The reported split only (STS-B test or dev), not train, when SentEval's three are loaded.
     subs = [sub for sub in task.subsets if task.reported in (None, sub.name)]
@@ -289,10 +285,9 @@ def alignment_uniformity(task: StsTask, vectors: dict[str, np.ndarray], *, thres
     s2 = [s for sub in subs for s in sub.sent2]
     gold = np.concatenate([sub.gold for sub in subs])
     pos = np.flatnonzero(gold > threshold)
-    a, b = unit([vectors[s1[i]] for i in pos]), unit([vectors[s2[i]] for i in pos])
-    align = float(((a - b) ** 2).sum(1).mean())
-    e = unit([vectors[s] for s in dict.fromkeys(s1 + s2)])
-    uniform = uniformity(e)
+    align = float(alignment(rows([vectors[s1[i]] for i in pos]), rows([vectors[s2[i]] for i in pos])))
+    e = rows([vectors[s] for s in dict.fromkeys(s1 + s2)])
+    uniform = float(uniformity(e))
     return {"alignment": align, "uniformity": uniform, "positive_pairs": int(len(pos)), "sentences": int(len(e))}
 
 

@@ -47,8 +47,8 @@ import sys
 import time
 from pathlib import Path
 
-from simcse_jax.config import ConfigError, TrainConfig, load_config, parse_value, validate
-from simcse_jax.errors import UsageError
+from simcse_jax.config import TrainConfig, load_config, parse_value, validate
+from simcse_jax.errors import ConfigError, UsageError
 
 LR_SCALING = ("none", "linear", "sqrt")
 PLAN_FILE = "sweep.json"

@@ -61,15 +61,16 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
 from simcse_jax import distributed, paths, sts
-from simcse_jax.config import TrainConfig, check_resume, eval_pooler, load_config, resolve_sts_dir, validate
+from simcse_jax.config import TrainConfig, check_resume, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, EncoderConfig, encoder_graphdef
 from simcse_jax.errors import ConfigError, TrainingError
 from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
-from simcse_jax.hf_io import load_pretrained, load_tokenizer, minilm_dir, read_config, resolve_model_dir
+from simcse_jax.hf_io import load_pretrained, load_tokenizer, read_config, resolve_model_dir
 from simcse_jax.metrics_log import MetricsLog
 from simcse_jax.optim import make_optimizer
+from simcse_jax.poolers import eval_pooler
 from simcse_jax.sharding import data_parallel_size, make_mesh
 from simcse_jax.train_step import (
     abstract_train_state,
@@ -82,14 +83,7 @@ from simcse_jax.train_step import (
 )
 from simcse_jax.xla_options import compiler_options
 
-MODEL_ALIASES = {"builtin:minilm": minilm_dir}
-
-
 # ----------------------------------------------------------------------------- set-up helpers
-
-
-def resolve_model(name: str) -> Path:
-    return Path(MODEL_ALIASES[name]()) if name in MODEL_ALIASES else resolve_model_dir(name)
 
 
 def resolve_train_file(config: TrainConfig, workdir: Path) -> tuple[str, Path | None]:
@@ -158,7 +152,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     # the workdir) and before writing anything; refuse a resume that changes the run; record the config
     validate(config, num_devices=jax.device_count())
     sts_dir = resolve_sts_dir(config)
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model_dir(config.model)
     hf_config = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     _check_workdir(workdir, remote)

@@ -17,7 +17,6 @@ distinct first-view pairs), `grad_norm` (the gradient given to the clipper, i.e.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple
@@ -36,19 +35,34 @@ from simcse_jax.sharding import batch_sharding, data_parallel_size, param_shardi
 from simcse_jax.xla_options import compile_with_fallback
 
 
-def _shared_fields(cls, config) -> dict[str, Any]:
-    """The fields of dataclass `cls` that `config` (a TrainConfig) also declares, by name."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
-
-
 def objective_config(config) -> ObjectiveConfig:
-    """The objective of a TrainConfig (the fields both declare, under the same names)."""
-    return ObjectiveConfig(**_shared_fields(ObjectiveConfig, config))
+    """The objective of a TrainConfig, field by field (tests/test_train_step.py checks that every
+    ObjectiveConfig field is set here from the TrainConfig key it depends on)."""
+    return ObjectiveConfig(
+        temperature=config.temperature,
+        hard_negative_weight=config.hard_negative_weight,
+        pooler=config.pooler,
+        mlp_only_train=config.mlp_only_train,
+        do_mlm=config.do_mlm,
+        mlm_weight=config.mlm_weight,
+        grad_cache_chunk_size=config.grad_cache_chunk_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
 
 
 def optim_config(config, total_steps: int) -> OptimConfig:
-    """The optimiser of a TrainConfig for a run of `total_steps` updates."""
-    return OptimConfig(**{**_shared_fields(OptimConfig, config), "total_steps": total_steps})
+    """The optimiser of a TrainConfig for a run of `total_steps` updates, field by field."""
+    return OptimConfig(
+        total_steps=total_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm,
+        reference_world_size=config.reference_world_size,
+    )
 
 
 def dropout_overrides(config) -> dict[str, float]:

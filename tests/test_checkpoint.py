@@ -9,7 +9,7 @@ from flax import nnx
 
 from simcse_jax import checkpoint as ck
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.hf_io import CheckpointError
+from simcse_jax.errors import CheckpointError
 from simcse_jax.sharding import make_mesh, param_shardings
 
 CFG = EncoderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

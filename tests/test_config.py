@@ -7,8 +7,9 @@ import pytest
 import transformers
 from flax import nnx
 
-from simcse_jax.config import ConfigError, TrainConfig, apply_overrides, load_config, validate
+from simcse_jax.config import TrainConfig, apply_overrides, load_config, validate
 from simcse_jax.encoder import Encoder, EncoderConfig
+from simcse_jax.errors import ConfigError
 from simcse_jax.sharding import data_parallel_size, make_mesh, param_partition_specs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -20,7 +20,8 @@ from simcse_jax.data import (
     load_tokenized,
     make_data_iterator,
 )
-from simcse_jax.data_readers import DataError, read_examples
+from simcse_jax.data_readers import read_examples
+from simcse_jax.errors import DataError
 from simcse_jax.hf_io import load_tokenizer
 from simcse_jax.masking import IGNORE_INDEX
 from simcse_jax.sharding import batch_sharding, make_mesh

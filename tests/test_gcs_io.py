@@ -71,7 +71,7 @@ def test_hf_data_file_from_the_bucket(tok, tmp_path, gcs_bucket):
 
 def test_missing_train_object_or_bucket_is_one_line_naming_the_url(gcs_bucket):
     from simcse_jax.data import load_tokenized
-    from simcse_jax.data_readers import DataError
+    from simcse_jax.errors import DataError
 
     for url, what in [(f"{gcs_bucket}/data/absent.txt", "no such object"),
                       ("gs://no-such-bucket-z/absent.txt", "bucket no-such-bucket-z does not exist")]:
@@ -97,7 +97,8 @@ def _params(model):
 
 
 def test_model_and_tokenizer_from_a_bucket_folder(tiny_model_dir, gcs_bucket, tmp_path):
-    from simcse_jax.hf_io import CheckpointError, load_pretrained, load_tokenizer, resolve_model_dir
+    from simcse_jax.errors import CheckpointError
+    from simcse_jax.hf_io import load_pretrained, load_tokenizer, resolve_model_dir
 
     url = f"{gcs_bucket}/models/tiny"
     paths.upload_folder(tiny_model_dir, url)
@@ -123,7 +124,8 @@ def gcs_sts(sts_dir, gcs_bucket):
 def test_export_to_the_bucket_loads_in_transformers_and_evaluates_as_local(tiny_model_dir, sts_dir, gcs_sts, gcs_bucket,
                                                                            tmp_path):
     from simcse_jax import cli
-    from simcse_jax.hf_export import ExportError, export_model, verify_export
+    from simcse_jax.errors import ExportError
+    from simcse_jax.hf_export import export_model, verify_export
     from simcse_jax.hf_io import load_pretrained, load_tokenizer
 
     loaded, tok = load_pretrained(tiny_model_dir), load_tokenizer(tiny_model_dir)

@@ -90,5 +90,5 @@ def test_cached_gradient_with_dropout_equals_one_graph_gradient_with_the_same_ch
 
 
 def test_chunk_size_must_divide_batch_and_span_devices():
-    with pytest.raises(ValueError, match="grad_cache_chunk_size=6 must divide the global batch 16"):
+    with pytest.raises(ValueError, match=r"grad_cache_chunk_size: must divide global_batch_size 16.*\(got 6\)"):
         num_chunks_for(ObjectiveConfig(grad_cache_chunk_size=6), 16, 2)

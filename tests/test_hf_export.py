@@ -17,7 +17,8 @@ from simcse_jax import checkpoint as ck
 from simcse_jax import cli
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import Encoder, EncoderConfig
-from simcse_jax.hf_export import ExportError, export_model, hf_state_dict, verify_export
+from simcse_jax.errors import ExportError
+from simcse_jax.hf_export import export_model, hf_state_dict, verify_export
 from simcse_jax.hf_io import load_pretrained, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from simcse_jax.hf_io import CheckpointError, hf_key_to_path, load_pretrained, resolve_model_dir
+from simcse_jax.errors import CheckpointError
+from simcse_jax.hf_io import hf_key_to_path, load_pretrained, resolve_model_dir
 
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=24)
@@ -132,3 +133,59 @@ def test_minilm_folder_copy_loads_without_extra_files(minilm_dir, tmp_path):
     ours, theirs = _hidden(tmp_path, loaded, np.array([[101, 7592, 2088, 102]]))
     assert np.abs(ours - theirs).max() <= 1e-5
     assert loaded.initialized == [] and loaded.ignored == []
+
+
+def _hub_cache(root, repo_id, folder):
+    """A huggingface_hub cache holding `folder` as `repo_id` at revision main: a Hub id that
+    resolves offline, as on a machine that downloaded it before."""
+    repo, commit = root / f"models--{repo_id.replace('/', '--')}", "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.mark.parametrize("kind", ["local", "builtin", "gs", "hub"])
+def test_train_plan_and_encode_resolve_every_kind_of_model_name_alike(kind, tiny_model_dir, minilm_dir, request,
+                                                                      tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from simcse_jax import cli, paths, plan, train
+    from simcse_jax.hf_io import read_config
+
+    if kind == "local":
+        name, want = str(tiny_model_dir), tiny_model_dir
+    elif kind == "builtin":
+        name, want = "builtin:minilm", minilm_dir
+    elif kind == "gs":
+        name = f"{request.getfixturevalue('gcs_bucket')}/models/tiny"
+        paths.upload_folder(tiny_model_dir, name)
+        want = resolve_model_dir(name)  # this host's cached copy
+        assert (want / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        name, want = "simcse-test/tiny-bert", _hub_cache(tmp_path / "hub", "simcse-test/tiny-bert", tiny_model_dir)
+    assert resolve_model_dir(name) == want
+
+    assert train.resolve_model_dir is resolve_model_dir  # the trainer's resolver (train.train: config.model)
+    assert plan.model_config(name)[0] == read_config(want)
+    src = tmp_path / "in.txt"
+    src.write_text("A man is playing a guitar.\n")
+    assert cli.main(["encode", "--model", name, "--input", str(src), "--output", str(tmp_path / "out.npy")]) == 0
+    assert f"model {want})" in capsys.readouterr().err
+
+
+def test_unknown_builtin_and_unreachable_hub_ids_are_refused_alike(tmp_path, monkeypatch, capsys):
+    from simcse_jax import cli, plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = tmp_path / "in.txt"
+    src.write_text("A sentence.\n")
+    for name, message in (("builtin:nothing", "no such built-in model; the built-in models are builtin:minilm"),
+                          ("simcse-test/absent", "'simcse-test/absent' is not a local folder and could not be fetched")):
+        with pytest.raises(CheckpointError, match=message):
+            resolve_model_dir(name)
+        with pytest.raises(plan.PlanError, match=message):
+            plan.model_config(name)
+        assert cli.main(["encode", "--model", name, "--input", str(src), "--output", str(tmp_path / "o.npy")]) == 1
+        assert message in capsys.readouterr().err

@@ -126,3 +126,18 @@ def test_alignment_and_uniformity_equal_wang_isola_definitions():
     unif = torch.pdist(x, p=2).pow(2).mul(-2).exp().mean().log()  # their lunif, t = 2
     assert float(alignment(z1.numpy().astype(np.float32), z2.numpy().astype(np.float32))) == pytest.approx(align.item(), rel=1e-5)
     assert float(uniformity(z1.numpy().astype(np.float32))) == pytest.approx(unif.item(), rel=1e-5)
+
+
+def test_alignment_and_uniformity_are_one_formula_in_the_step_and_at_evaluation():
+    """jax arrays (the step's measurements) compute in float32, numpy arrays (STS-B and held-out
+    evaluation) in float64; both equal Wang & Isola's definitions in torch float64."""
+    z1, z2 = (torch.tensor(a, dtype=torch.float64) for a in _embeddings(seed=6, n=2))
+    x, y = torch.nn.functional.normalize(z1, dim=1), torch.nn.functional.normalize(z2, dim=1)
+    align = (x - y).norm(p=2, dim=1).pow(2).mean().item()
+    unif = torch.pdist(x, p=2).pow(2).mul(-2).exp().mean().log().item()
+    a64, b64 = z1.numpy(), z2.numpy()
+    assert alignment(a64, b64).dtype == np.float64 and float(alignment(a64, b64)) == pytest.approx(align, rel=1e-12)
+    assert float(uniformity(a64)) == pytest.approx(unif, rel=1e-12)
+    a32, b32 = jnp.asarray(a64, jnp.float32), jnp.asarray(b64, jnp.float32)
+    assert alignment(a32, b32).dtype == jnp.float32 and float(alignment(a32, b32)) == pytest.approx(align, rel=1e-5)
+    assert float(jax.jit(uniformity)(a32)) == pytest.approx(unif, rel=1e-5)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from simcse_jax import cli
-from simcse_jax.config import ConfigError, load_config
+from simcse_jax.config import load_config
+from simcse_jax.errors import ConfigError
 from simcse_jax.report import PLOTS, collect, markdown_table, series, table_rows
 from simcse_jax.sweep import parse_grid, plan_sweep, run_name, scaled_learning_rate, shell_command
 

@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from simcse_jax.config import TrainConfig
-from simcse_jax.train import TrainingError, train
+from simcse_jax.errors import TrainingError
+from simcse_jax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole training runs (~20-60 s each)

@@ -13,7 +13,7 @@ from simcse_jax.hf_io import load_pretrained, load_tokenizer
 from simcse_jax.objective import ObjectiveConfig
 from simcse_jax.optim import OptimConfig, linear_schedule, make_optimizer
 from simcse_jax.sharding import batch_sharding, make_mesh, param_shardings
-from simcse_jax.train_step import init_train_state, make_train_step
+from simcse_jax.train_step import init_train_state, make_train_step, objective_config, optim_config
 
 SENTENCES = REAL_SENTENCES + ["The cat sleeps on the warm windowsill.", "Parliament passed the budget after a long debate."]
 MAX_LEN = 32
@@ -107,7 +107,7 @@ def test_bad_batch_and_chunk_settings_fail_at_trace_with_the_key_named():
     step = make_train_step(graphdef, optimizer, mesh, sh, ObjectiveConfig(grad_cache_chunk_size=12), optim)
     ids = jnp.ones((16, 2, 8), jnp.int32)
     batch = jax.device_put(dict(input_ids=ids, attention_mask=ids, token_type_ids=0 * ids), batch_sharding(mesh, 3))
-    with pytest.raises(ValueError, match="grad_cache_chunk_size=12"):
+    with pytest.raises(ValueError, match=r"grad_cache_chunk_size: must divide global_batch_size 16.*\(got 12\)"):
         step(state, batch, jax.random.key(0))
 
 
@@ -147,3 +147,51 @@ def test_in_step_dropout_key_is_fold_in_of_the_base_key_and_the_step_counter():
         state, meas = step(state, batch, base)
         repeated.append(float(meas["loss"]))
     assert repeated[1:] != runs[True][0][1:]
+
+
+# ObjectiveConfig / OptimConfig field -> (the TrainConfig key it is set from, a valid non-default value).
+OBJECTIVE_FROM_CONFIG = {
+    "temperature": ("temperature", 0.07),
+    "hard_negative_weight": ("hard_negative_weight", 1.5),
+    "pooler": ("pooler", "avg_first_last"),
+    "mlp_only_train": ("mlp_only_train", True),
+    "do_mlm": ("do_mlm", True),
+    "mlm_weight": ("mlm_weight", 0.3),
+    "grad_cache_chunk_size": ("grad_cache_chunk_size", 8),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps", 4),  # refused: the refusal shows it arrived
+}
+OPTIM_FROM_CONFIG = {
+    "learning_rate": ("learning_rate", 7e-5),
+    "warmup_steps": ("warmup_steps", 3),
+    "weight_decay": ("weight_decay", 0.01),
+    "adam_beta1": ("adam_beta1", 0.8),
+    "adam_beta2": ("adam_beta2", 0.98),
+    "adam_epsilon": ("adam_epsilon", 1e-6),
+    "max_grad_norm": ("max_grad_norm", 2.0),
+    "reference_world_size": ("reference_world_size", 4),
+}
+
+
+@pytest.mark.parametrize(("cls", "derive", "mapping"), [
+    (ObjectiveConfig, objective_config, OBJECTIVE_FROM_CONFIG),
+    (OptimConfig, lambda config: optim_config(config, total_steps=10), OPTIM_FROM_CONFIG),
+], ids=["objective", "optim"])
+def test_every_objective_and_optimiser_field_is_set_from_its_config_key(cls, derive, mapping):
+    """A field added to ObjectiveConfig / OptimConfig must be listed above and set by
+    objective_config / optim_config; a TrainConfig key renamed or dropped fails here too."""
+    import dataclasses
+
+    from simcse_jax.config import TrainConfig
+    from simcse_jax.errors import ConfigError
+
+    derived_fields = {f.name for f in dataclasses.fields(cls)} - {"total_steps"}
+    assert derived_fields == set(mapping), f"{cls.__name__} fields not listed here (and maybe not derived): " \
+                                           f"{sorted(derived_fields ^ set(mapping))}"
+    defaults = TrainConfig()
+    for field, (key, probe) in mapping.items():
+        assert probe != getattr(defaults, key) and probe != getattr(derive(defaults), field), (field, probe)
+        config = defaults.replace(**{key: probe})  # TypeError if TrainConfig lost the key
+        try:
+            assert getattr(derive(config), field) == probe, f"{cls.__name__}.{field} is not taken from {key}"
+        except ConfigError as e:  # a probe the section's own rules refuse: it reached the section
+            assert field in str(e), e
