@@ -63,7 +63,7 @@ def test_logged_rates_exclude_evaluation_and_checkpoint_time(tiny_model_dir, tra
     import statistics
     import time
 
-    from simcse_jax.evaluate import TrainingEvaluator
+    from simcse_jax.evaluators import TrainingEvaluator
 
     slow_s = 1.5
 
