@@ -199,11 +199,10 @@ class TrainingEvaluator:
         clash = sorted({m for m in metrics if metrics.count(m) > 1})
         if clash:
             raise ConfigError(f"evaluators: {', '.join(clash)} returned by more than one of {', '.join(names)}")
-        best = config.best_metric or next((e.primary_metric for e in evaluators if e.primary_metric), None)
         if config.best_metric is not None and config.best_metric not in metrics:
             raise ConfigError(f"best_metric: {config.best_metric!r} is not a metric of the evaluators "
                               f"({', '.join(metrics) or 'none'})")
-        return cls(evaluators, best)
+        return cls(evaluators, config.best_metric or next((e.primary_metric for e in evaluators if e.primary_metric), None))
 
     def dev(self, params) -> dict[str, float]:
         return {f"eval/{k}": v for e in self.evaluators for k, v in e(params).items()}
