@@ -397,7 +397,11 @@ def loop_hooks(run: Run, callback=None) -> Hooks:
     hooks.add_hook(save_checkpoint, every=config.save_steps or config.eval_steps, at_last=True)
     hooks.add_hook(check_preemption, every=1)  # multi-host: a vote every preemption_check_steps and at saves
     if callback is not None:
-        hooks.add_hook(lambda run, step: run.saved_step == step and callback("checkpoint", step), every=1)
+        def after_save(run: Run, step: int) -> None:
+            if run.saved_step == step:  # a periodic save or a preemption's
+                callback("checkpoint", step)
+
+        hooks.add_hook(after_save, every=1)
     return hooks
 
 
