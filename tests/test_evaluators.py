@@ -89,7 +89,7 @@ def test_a_registered_evaluator_is_logged_and_selects_the_best_checkpoint(tiny_m
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     config = TrainConfig(
         model=str(tiny_model_dir), train_file=str(tmp_path / "train.txt"), data_cache_dir=str(tmp_path / "cache"),
-        global_batch_size=16, learning_rate=1e-3, max_steps=6, eval_steps=2, log_every=2, sts_dir=None,
+        global_batch_size=16, learning_rate=1e-3, max_steps=6, eval_steps=2, save_steps=6, log_every=2, sts_dir=None,
         evaluators="toy", do_export=False, async_checkpointing=False,
     )
     results = train(config, tmp_path / "run", progress=False)
