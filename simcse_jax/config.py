@@ -87,6 +87,10 @@ class TrainConfig:
     # best checkpoint is chosen on the numbers its export will have. The dev sets are ~4,000
     # sentences, a small cost next to training in either dtype.
     eval_dtype: str = "float32"
+    # Comma-separated names of evaluators.EVALUATORS (e.g. "sts", "heldout"); None: STS with STS
+    # data, else held-out alignment/uniformity with a builtin: corpus (see evaluators.py).
+    evaluators: str | None = None
+    best_metric: str | None = None  # the metric (higher is better) that selects the best checkpoint; None: STS-B dev
     save_steps: int = 0  # 0: save at every evaluation
     # Latest checkpoints kept besides the best: >= 2, so that when the newest step turns out to be
     # damaged (a truncated file, a disk that filled) the resume falls back to the one before.
@@ -113,6 +117,7 @@ class TrainConfig:
 # resume is refused unless allow_config_change. A new key is identity until listed here.
 FREE_KEYS = frozenset({
     "eval_steps", "eval_batch_size", "eval_pooler", "eval_dtype", "sts_dir", "log_every", "save_steps", "keep_checkpoints",
+    "evaluators", "best_metric",  # what is measured and kept as best, not what is trained
     "resume_step", "async_checkpointing", "do_export", "do_test_eval", "data_cache_dir", "preemption_check_steps",
     "prefetch_batches", "mesh_data", "mesh_fsdp", "mesh_tensor",  # resharding on resume is a feature
     "grad_cache_chunk_size",  # the same loss and gradients, in chunks (a memory knob)

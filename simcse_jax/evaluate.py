@@ -1,5 +1,5 @@
-"""STS evaluation of a model: the `eval` command (JAX or PyTorch backend) and the trainer's
-evaluator (`TrainingEvaluator`: dev scores during training, the test table at the end).
+"""STS evaluation of a model: the `eval` command (JAX or PyTorch backend). The trainer's
+evaluators (dev scores during training, the test table at the end) are in evaluators.py.
 
 Both backends only turn sentences into vectors; scoring is `sts.evaluate` for both, so they can
 differ by floating-point noise alone. `jax` runs our encoder (`encode.SentenceEncoder`: batches of
@@ -15,24 +15,14 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
 from simcse_jax import paths, sts
-from simcse_jax.config import TrainConfig
 from simcse_jax.encode import SentenceEncoder
 from simcse_jax.encoder import EncoderConfig
 from simcse_jax.errors import CheckpointError, UsageError
-from simcse_jax.losses import alignment, uniformity
-from simcse_jax.objective import embed_views
-from simcse_jax.poolers import POOLERS, check_pooler, eval_pooler, needs_hidden_states, torch_pool
-from simcse_jax.sharding import batch_sharding, data_parallel_size
-from simcse_jax.train_step import objective_config
-
-BEST_METRIC = "STSBenchmark"  # STS-B dev Spearman selects the best checkpoint, as in the reference
+from simcse_jax.poolers import POOLERS, check_pooler, needs_hidden_states, torch_pool
 
 
 class TorchEmbedder:
@@ -139,77 +129,6 @@ def run_eval(model_path, *, sts_dir, tasks: Sequence[str] | None = None, split: 
     return {"model": str(model_path), "backend": backend, "pooler": pooler, "dtype": dtype if backend == "jax" else "float32",
             "split": split, "sts_dir": str(sts_dir),
             "limit": limit, **res, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-# ----------------------------------------------------------------------------- during training
-
-
-class TrainingEvaluator:
-    """The trainer's evaluation: STS-B / SICK-R dev Spearman during training and the STS test
-    table at the end (JAX backend, the run's mesh), or, without STS data, alignment/uniformity
-    on held-out text. Compiles once per run; `params` change, the programs do not.
-
-    `graphdef` is the encoder's graph in the evaluation dtype (`TrainConfig.eval_dtype`, float32
-    by default whatever the training compute dtype): the test table is then the export's table."""
-
-    def __init__(self, config: TrainConfig, graphdef, tokenizer, mesh, sts_dir: Path | None, heldout: Path | None):
-        self.config, self.graphdef, self.tokenizer, self.mesh = config, graphdef, tokenizer, mesh
-        self.sts_dir, self.heldout = sts_dir, heldout
-        self.pooler = eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler)
-        self.dev_tasks = [sts.load_task(sts_dir, t, "dev") for t in sts.DEV_TASKS] if sts_dir else []
-        self.encoder = None
-        self._heldout = None
-
-    def _encoder(self, params):
-        model = nnx.merge(self.graphdef, params)
-        if self.encoder is None:
-            self.encoder = SentenceEncoder(model, self.tokenizer, pooler=self.pooler, mesh=self.mesh,
-                                           batch_size=self.config.eval_batch_size)
-        else:
-            self.encoder.set_model(model)
-        return self.encoder
-
-    def dev(self, params) -> dict[str, float]:
-        """{'eval/STSBenchmark': ..., 'eval/SICKRelatedness': ...} (Spearman x 100), or held-out stats."""
-        if self.dev_tasks:
-            res = sts.evaluate(self._encoder(params), self.dev_tasks, align_uniform=False)
-            return {f"eval/{k}": v for k, v in res["paper"].items() if k != "Avg."}
-        if self.heldout is not None:
-            return {f"eval/heldout_{k}": v for k, v in self.heldout_alignment_uniformity(params).items()}
-        return {}
-
-    def test(self, params) -> dict:
-        tasks = [sts.load_task(self.sts_dir, t, "test") for t in sts.TASKS]
-        return sts.evaluate(self._encoder(params), tasks)
-
-    def heldout_alignment_uniformity(self, params, max_sentences: int = 1024) -> dict[str, float]:
-        """Wang & Isola on held-out sentences: alignment between two dropout views of each
-        sentence (the unsupervised positives), uniformity of the evaluation embeddings."""
-        if self._heldout is None:  # tokenized, placed and compiled once per run
-            lines = [s for s in self.heldout.read_text(encoding="utf-8").splitlines() if s.strip()]
-            dp = data_parallel_size(self.mesh)
-            lines = lines[: (min(len(lines), max_sentences) // dp) * dp]
-            ids = self.tokenizer(lines, max_length=self.config.max_seq_length, truncation=True,
-                                 padding="max_length", return_tensors="np")
-            batch = {k: np.repeat(ids[k][:, None].astype(np.int32), 2, axis=1) for k in ("input_ids", "attention_mask")}
-            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-            cfg, graphdef = objective_config(self.config), self.graphdef
-            views = jax.jit(lambda p, b, k: embed_views(nnx.merge(graphdef, p), b, cfg, k))
-            self._heldout = (lines, jax.device_put(batch, batch_sharding(self.mesh, 3)), views)
-        lines, batch, views = self._heldout
-        with jax.set_mesh(self.mesh):
-            z = views(params, batch, jax.random.key(0))
-        z = np.asarray(z, np.float64)
-        e = self._encoder(params)(lines).astype(np.float64)
-        return {"alignment": float(alignment(z[:, 0], z[:, 1])), "uniformity": float(uniformity(e))}
-
-
-def eval_line(step: int, scores: dict[str, float], best_score: float, best_step: int | None) -> str:
-    """One log line for a dev evaluation: STS numbers with 2 decimals, held-out stats with 4."""
-    parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" if "STS" in k or "SICK" in k else f"{k.split('/', 1)[1]} {v:.4f}"
-                      for k, v in scores.items())
-    best = f" (best {best_score:.2f} at step {best_step})" if best_step is not None else ""
-    return f"step {step} dev: {parts}{best}"
 
 
 # ----------------------------------------------------------------------------- CLI

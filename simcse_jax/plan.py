@@ -33,11 +33,15 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simcse_jax.config import TrainConfig, load_config, validate
 from simcse_jax.errors import CheckpointError, SimcseError, UsageError
 from simcse_jax.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
 from simcse_jax.topology import devices_for, ensure_cpu_devices, parse_topology
+
+if TYPE_CHECKING:  # jax-free at import: the CLI sets libtpu's environment before jax loads
+    from simcse_jax.step_builder import StepMemory
 
 MIB = 2**20
 # The paper's checkpoints, as their config.json on the Hugging Face Hub gives them, so a plan
@@ -119,49 +123,26 @@ def _shard_bytes(tree) -> int:
 
 
 def build_step(config: TrainConfig, devices: list, *, layers: int | None = None, num_sent: int | None = None) -> StepSetup:
-    """The trainer's update step for `config` on `devices`, with abstract state, batch and key.
-
-    The same construction as `train.train`: mesh, EncoderConfig.from_hf_dict (dropout overrides,
-    MLM head with do_mlm), optimizer from optim_config, state shardings, make_train_step with
-    objective_config, skip_nonfinite and the in-step dropout key, compiled (`compile_setup`) by the trainer's own
-    `compile_train_step` with the CPU oneDNN options when the config asks for them.
-    """
+    """The trainer's update step for `config` on `devices` (`step_builder.build_update_step`,
+    the trainer's own construction), with abstract state and batch, compiled by `compile_setup`."""
     import jax
-    import jax.numpy as jnp
 
-    from simcse_jax.encoder import EncoderConfig
-    from simcse_jax.objective import MLM_KEYS, REQUIRED_KEYS
-    from simcse_jax.optim import make_optimizer
-    from simcse_jax.sharding import batch_sharding, make_mesh
-    from simcse_jax.train_step import abstract_train_state, dropout_overrides, make_train_step, objective_config, optim_config
-    from simcse_jax.xla_options import compiler_options
+    from simcse_jax.step_builder import abstract_batch, build_update_step, config_mesh
 
     validate(config, num_devices=len(devices), check_files=False)
-    mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}, devices=devices)
     hf, source = model_config(config.model)
     if layers is not None:
         hf = {**hf, "num_hidden_layers": layers}
-    enc_cfg = EncoderConfig.from_hf_dict(hf, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm,
-                                         **dropout_overrides(config))
     # The schedule's length only sets constants inside the step; it changes neither memory nor cost.
     total_steps = config.max_steps if config.max_steps > 0 else 1000
-    optimizer = make_optimizer(optim_config(config, total_steps))
-    _, graphdef, abstract, shardings = abstract_train_state(enc_cfg, optimizer, mesh)
-    params = abstract.params
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    built = build_update_step(config, hf, config_mesh(config, devices), total_steps=total_steps)
+    state = built.sharded_state()
     if num_sent is None:
         num_sent, _ = views_per_example(config)
-    bsh = batch_sharding(mesh, 3)
-    keys = REQUIRED_KEYS + (MLM_KEYS if config.do_mlm else ())
-    shape = (config.global_batch_size, num_sent, config.max_seq_length)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh) for k in keys}
-    build = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                            optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip",
-                            fold_in_step=True)
-    options = compiler_options(config.cpu_onednn, devices[0].platform)
-    return StepSetup(build=build, compiler_options=options, state=state, batch=batch, mesh=mesh, encoder_config=enc_cfg,
-                     model_source=source,
-                     num_sent=num_sent, num_params=sum(int(x.size) for x in jax.tree.leaves(params)),
+    batch = abstract_batch(config, built.mesh, num_sent)
+    return StepSetup(build=built.step, compiler_options=built.compiler_options, state=state, batch=batch, mesh=built.mesh,
+                     encoder_config=built.encoder_config, model_source=source,
+                     num_sent=num_sent, num_params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
                      param_bytes=_shard_bytes(state.params), opt_state_bytes=_shard_bytes(state.opt_state),
                      batch_bytes=_shard_bytes(batch))
 
@@ -169,31 +150,14 @@ def build_step(config: TrainConfig, devices: list, *, layers: int | None = None,
 # ----------------------------------------------------------------------------- the plan
 
 
-@dataclasses.dataclass
-class Memory:
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    code_bytes: int
+def memory_of(compiled) -> StepMemory:
+    """The compiled step's memory per device, as the trainer logs it (`step_builder.StepMemory`)."""
+    from simcse_jax.step_builder import StepMemory
 
-    @property
-    def peak_bytes(self) -> int:
-        """Live at the step's peak, as the trainer logs it: inputs + outputs not aliased to a
-        donated input + scratch."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    @property
-    def needed_bytes(self) -> int:
-        return self.peak_bytes + self.code_bytes
-
-
-def memory_of(compiled) -> Memory:
-    mem = compiled.memory_analysis()
-    if mem is None:
+    memory = StepMemory.of(compiled)
+    if memory is None:
         raise PlanError("this backend's compiler gives no memory analysis")
-    return Memory(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
-                  int(mem.temp_size_in_bytes), int(getattr(mem, "generated_code_size_in_bytes", 0)))
+    return memory
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -222,7 +186,7 @@ class Refused(int):
 
 def compile_setup(setup: StepSetup):
     """(compiled, seconds): through the trainer's own `compile_train_step`."""
-    from simcse_jax.train_step import compile_train_step
+    from simcse_jax.step_builder import compile_train_step
 
     compiled, info = compile_train_step(setup.build, setup.state, setup.batch, setup.compiler_options)
     return compiled, info["compile_seconds"]

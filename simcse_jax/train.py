@@ -1,15 +1,18 @@
 """The SimCSE trainer: `simcse-jax train --config configs/NAME.py[:variant] --workdir DIR`.
 
-`train` reads top to bottom in the order a run happens:
+`train` runs three phases, in the order a run happens:
 
- 1. the config is validated before anything is compiled and recorded in the workdir;
- 2. the mesh, the tokenizer and the data iterator (each host reads its own rows);
- 3. the model and optimizer: parameters born sharded (abstract shapes first; weights either
-    restored from the latest checkpoint or read from the Hugging Face folder and placed by the
-    sharding rules); the update step compiled ahead of time from the abstract batch;
- 4. the loop (below);
- 5. the end: restore the best parameters, STS test evaluation, export to a Hugging Face folder,
-    `results.json`.
+ 1. `set_up` returns the `Run`: the config validated before anything is compiled and recorded
+    in the workdir; the mesh, the tokenizer and the data iterator (each host reads its own
+    rows); the update step (`step_builder.build_update_step`, the planner's construction too)
+    with parameters born sharded: abstract shapes first, weights then either restored from the
+    latest checkpoint or read from the Hugging Face folder and placed by the sharding rules;
+    the config's evaluators (evaluators.py); the step compiled ahead of time for the data's batch;
+ 2. `train_loop` dispatches updates; everything else it does is a hook with its period
+    (`loop_hooks`: reading the log steps' measurements, the progress bar, evaluation, checkpoints,
+    preemption), run in the order registered after each update;
+ 3. `end_of_run`: the best parameters, the evaluators' end of the run (the STS test table),
+    export to a Hugging Face folder, `results.json`.
 
 The loop never waits for the devices between steps: it dispatches update s+1 while update s
 runs. Batches are assembled and placed on the devices by a prefetch thread (`data.Prefetch`).
@@ -18,15 +21,16 @@ after they were dispatched, so the next update is already queued), evaluation st
 steps, which need the state anyway. The logged figures are each log step's own values, as
 before. Non-finite detection is exact: every fetch checks every step since the last one, and a
 fetch precedes every save, so `on_nonfinite=stop` names the first bad step and never saves a
-state from it or after it.
+state from it or after it. A logged rate measures training only: time spent evaluating and
+saving inside a log interval is taken out of it (`LoopClock`).
 
 Determinism: the data order is a function of (seed, epoch) and the dropout key of update `s` is
 `fold_in(key(seed), s)` (derived inside the step from its counter), so a resumed run repeats exactly what an uninterrupted one would do.
 
 Checkpoints (`<workdir>/checkpoints/`, see checkpoint.py): `latest/` keeps the newest
 `keep_checkpoints` complete training states for resuming; `best/` keeps the parameters with the
-highest STS-B dev Spearman. orbax makes a step visible only when it is complete, so a crash
-mid-save leaves no checkpoint that a restart would load.
+highest `best_metric` (STS-B dev Spearman by default). orbax makes a step visible only when it
+is complete, so a crash mid-save leaves no checkpoint that a restart would load.
 
 Faults (each ends the run with a message naming what and where; rerunning the same command
 resumes from the last complete checkpoint):
@@ -50,38 +54,31 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from simcse_jax import checkpoint as ckpt_lib
-from simcse_jax import distributed, paths, sts
+from simcse_jax import distributed, paths
 from simcse_jax.config import TrainConfig, check_resume, load_config, resolve_sts_dir, validate
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
-from simcse_jax.data import Prefetch, make_data_iterator
-from simcse_jax.encoder import Encoder, EncoderConfig, encoder_graphdef
+from simcse_jax.data import DataIterator, Prefetch, make_data_iterator
+from simcse_jax.encoder import Encoder, encoder_graphdef
 from simcse_jax.errors import ConfigError, TrainingError
-from simcse_jax.evaluate import BEST_METRIC, TrainingEvaluator, eval_line
+from simcse_jax.evaluators import EvalContext, TrainingEvaluator
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, read_config, resolve_model_dir
-from simcse_jax.metrics_log import MetricsLog
-from simcse_jax.optim import make_optimizer
+from simcse_jax.metrics_log import MetricsLog, Progress
 from simcse_jax.poolers import eval_pooler
-from simcse_jax.sharding import data_parallel_size, make_mesh
-from simcse_jax.train_step import (
-    abstract_train_state,
-    compile_train_step,
-    dropout_overrides,
-    init_train_state,
-    make_train_step,
-    objective_config,
-    optim_config,
-)
-from simcse_jax.xla_options import compiler_options
+from simcse_jax.sharding import data_parallel_size
+from simcse_jax.step_builder import UpdateStep, build_update_step, compile_train_step, config_mesh
+from simcse_jax.train_step import TrainState, dropout_overrides, init_train_state
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -115,23 +112,104 @@ class PendingMeasurements:
     """
 
     def __init__(self):
-        self._pending: list[tuple[int, dict]] = []
+        self._pending: list[tuple[int, dict, float]] = []
 
-    def add(self, step: int, meas: dict) -> None:
-        self._pending.append((step, meas))
+    def add(self, step: int, meas: dict, epoch: float) -> None:
+        """`epoch`: the data's progress after `step` (epochs, fractional), for its log line."""
+        self._pending.append((step, meas, epoch))
 
-    def fetch(self, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
-        """[(step, {name: float})] for the pending steps <= `upto` (all by default), in order."""
-        ready = [(s, m) for s, m in self._pending if upto is None or s <= upto]
+    def fetch(self, upto: int | None = None) -> list[tuple[int, dict[str, float], float]]:
+        """[(step, {name: float}, epoch)] for the pending steps <= `upto` (all by default), in order."""
+        ready = [p for p in self._pending if upto is None or p[0] <= upto]
         self._pending = self._pending[len(ready):]
         if not ready:
             return []
-        values = jax.device_get([m for _, m in ready])
-        return [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(ready, values)]
+        values = jax.device_get([m for _, m, _ in ready])
+        return [(s, {k: float(v) for k, v in m.items()}, e) for (s, _, e), m in zip(ready, values)]
 
 
 def _is_finite(meas: dict[str, float]) -> bool:
     return math.isfinite(meas["loss"]) and math.isfinite(meas["grad_norm"])
+
+
+class LoopClock:
+    """The loop's time. A logged rate measures training only: time spent evaluating and issuing
+    checkpoint saves inside a log interval is taken out of its rate (logged as the interval's
+    `excluded_seconds`; each evaluation's own `eval_seconds` is in its record; the run's totals
+    in results.json)."""
+
+    def __init__(self, step: int):
+        self.start = self.time = time.perf_counter()
+        self.step, self.paused = step, 0.0
+        self.spent = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
+        self.rates: list[float] = []  # sentences/s of each logged interval
+
+    def exclude(self, kind: str, since: float) -> float:
+        """Takes the seconds from `since` to now, spent on `kind` (eval_seconds,
+        checkpoint_seconds), out of the current log interval; returns them."""
+        seconds = time.perf_counter() - since
+        self.paused += seconds
+        self.spent[kind] += seconds
+        return seconds
+
+    def interval(self, step: int, sentences_per_step: int) -> dict[str, float]:
+        """The rates of the log interval that ends at `step` (and starts the next one)."""
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time - self.paused, 1e-9)
+        out = {"steps_per_s": rate, "sentences_per_s": rate * sentences_per_step}
+        if self.paused:
+            out["excluded_seconds"] = self.paused
+        self.time, self.step, self.paused = now, step, 0.0
+        self.rates.append(rate * sentences_per_step)
+        return out
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    root: Path  # <workdir>/checkpoints
+    latest: Any  # orbax CheckpointManager of `latest/`: training states to resume from
+    best: Any  # of `best/`: the parameters with the best `best_metric`
+    meta: dict  # written with every step (checkpoint.make_meta)
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: what set-up builds, the loop advances and the end of the run reads."""
+
+    config: TrainConfig
+    workdir: Path
+    is_lead: bool
+    tokenizer: Any
+    hf_config: dict
+    data: DataIterator
+    total_steps: int
+    built: UpdateStep  # mesh, encoder config, optimizer, abstract state and shardings, the jitted step
+    update: Callable  # the compiled step: (state, batch, base_key) -> (state, measurements)
+    compile_info: dict
+    evaluator: TrainingEvaluator
+    checkpoints: Checkpoints
+    log: MetricsLog
+    bar: Progress | None
+    # where the run is: set up by restore-or-import, advanced by the loop and its hooks
+    state: TrainState
+    step: int
+    best_score: float
+    best_step: int | None
+    position: dict  # the data iterator's position after `step`: what a checkpoint records
+    base_key: jax.Array
+    pending: PendingMeasurements
+    clock: LoopClock
+    saved_step: int | None = None  # the newest step a training state was saved at
+    stopping: bool = False  # a preemption asked the loop to end after this step
+    preemption: distributed.Preemption | None = None  # the loop's signal handling, while it runs
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.built.mesh
 
 
 # ----------------------------------------------------------------------------- the run
@@ -141,15 +219,29 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     """Trains (or resumes) in `workdir`; returns the results dict also written to results.json.
 
     `callback(event, step)`, if given, is called after every update is dispatched (`"step"`)
-    and after a checkpoint save is issued (`"checkpoint"`): a hook for custom logging and for
-    tests that interrupt a run at a chosen point.
+    and after a checkpoint save is issued (`"checkpoint"`): two loop hooks, for custom logging
+    and for tests that interrupt a run at a chosen point.
     """
+    run = set_up(config, workdir, progress=progress)
+    train_loop(run, loop_hooks(run, callback))
+    if run.stopping and run.step < run.total_steps:
+        run.log.close()
+        run.checkpoints.close()
+        return {"status": "preempted", "step": run.step}
+    return end_of_run(run)
+
+
+# ----------------------------------------------------------------------------- 1. set-up
+
+
+def set_up(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> Run:
+    """Validates, reads the data, builds the step, restores or imports the weights, compiles."""
     remote = paths.is_remote(workdir)  # gs://: no shared disk; every host reads and writes the bucket
     workdir = workdir_path(workdir)
     is_lead = jax.process_index() == 0
 
-    # --- 1. validate before compiling anything (the config, the model folder and its tokenizer,
-    # the workdir) and before writing anything; refuse a resume that changes the run; record the config
+    # Validate before compiling anything (the config, the model folder and its tokenizer, the
+    # workdir) and before writing anything; refuse a resume that changes the run; record the config.
     validate(config, num_devices=jax.device_count())
     sts_dir = resolve_sts_dir(config)
     model_dir = resolve_model_dir(config.model)
@@ -157,10 +249,10 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
     tokenizer = load_tokenizer(model_dir)
     _check_workdir(workdir, remote)
     ckpt_root = workdir / "checkpoints"
-    config_changes = _check_and_record_config(config, workdir, is_lead, resuming=bool(ckpt_lib.complete_steps(ckpt_root / "latest")))
+    run_changes, free_changes = _check_and_record_config(
+        config, workdir, is_lead, resuming=bool(ckpt_lib.complete_steps(ckpt_root / "latest")))
 
-    # --- 2. mesh, data
-    mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor})
+    mesh = config_mesh(config)
     train_file, heldout = resolve_train_file(config, workdir)
     data = make_data_iterator(
         train_file, tokenizer, config.global_batch_size, max_seq_length=config.max_seq_length, seed=config.seed,
@@ -169,72 +261,37 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         progress=progress and is_lead, shuffle=config.shuffle,
     )
     total_steps = config.max_steps if config.max_steps > 0 else int(math.ceil(config.num_epochs * data.batches_per_epoch))
+    built = build_update_step(config, hf_config, mesh, total_steps=total_steps)
+    # Evaluation and the test table compute in `eval_dtype` (float32 by default) on the same
+    # parameters: the numbers the exported float32 folder gives in transformers and SentEval.
+    eval_graphdef = encoder_graphdef(dataclasses.replace(built.encoder_config, compute_dtype=config.eval_dtype))
+    evaluator = TrainingEvaluator.from_config(config, EvalContext(
+        config, eval_graphdef, tokenizer, mesh, eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler),
+        sts_dir, heldout))
 
-    # --- 3. model, optimizer, state: abstract first, then restore or import; compile the update
-    overrides = dropout_overrides(config)
-    enc_cfg = EncoderConfig.from_hf_dict(hf_config, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
-    optimizer = make_optimizer(optim_config(config, total_steps))
-    abstract_model, graphdef, abstract_state, shardings = abstract_train_state(enc_cfg, optimizer, mesh)
-    abstract_params = abstract_state.params
-
-    latest = ckpt_lib.manager(ckpt_root / "latest", max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    best = ckpt_lib.manager(ckpt_root / "best", max_to_keep=1)
-    meta = ckpt_lib.make_meta(abstract_model, hf_config=hf_config, pooler=config.pooler,
-                              mlp_only_train=config.mlp_only_train, train_config=dataclasses.asdict(config))
-    best_score, best_step = -math.inf, None
-    start, restored, damaged = ckpt_lib.restore_newest(
-        latest, lambda s: ckpt_lib.restore_train_state(latest, s, abstract_state, shardings), step=config.resume_step,
-        agree=distributed.all_hosts, is_lead=is_lead, barrier=distributed.barrier)
-    for d in damaged:
-        if is_lead:
-            print(f"checkpoint step {d.step} in {ckpt_root / 'latest'} is damaged: {d.reason}; moved it to {d.moved_to}",
-                  file=sys.stderr, flush=True)
-    if start is not None:
-        state, _, saved = restored
-        data.restore(saved["iterator"])
-        best_score, best_step = saved.get("best_score", -math.inf), saved.get("best_step")
-        for stale in [s for s in best.all_steps() if s > start]:  # from a lost future of the run
-            best.delete(stale)
-        later = [s for s in latest.all_steps() if s > start]
-        if later:  # only with resume_step: a future of the run that this one replaces
-            if is_lead:
-                print(f"resume_step={start}: deleting the later step(s) {', '.join(map(str, later))} of {ckpt_root / 'latest'}",
-                      file=sys.stderr, flush=True)
-            for s in later:
-                latest.delete(s)
-        fallback = f"; newer step(s) {', '.join(str(d.step) for d in damaged)} damaged" if damaged else ""
-        resumed = f"resumed from step {start} ({ckpt_root / 'latest' / str(start)}{fallback})"
-    else:
-        loaded = load_pretrained(model_dir, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm, **overrides)
-        if config.pooler == "cls" and config.mlp_init == "fresh":
-            fresh_mlp(loaded.model, config.seed)
-        graphdef, state, shardings = init_train_state(loaded.model, optimizer, mesh)
-        del loaded
-        start, resumed = 0, f"started from {model_dir}"
+    checkpoints = Checkpoints(
+        ckpt_root, ckpt_lib.manager(ckpt_root / "latest", max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing),
+        ckpt_lib.manager(ckpt_root / "best", max_to_keep=1),
+        ckpt_lib.make_meta(built.abstract.model, hf_config=hf_config, pooler=config.pooler,
+                           mlp_only_train=config.mlp_only_train, train_config=dataclasses.asdict(config)))
+    state, start, best, resumed = _restore_or_import(config, built, checkpoints, data, model_dir, is_lead)
     if is_lead:
         for folder in ("latest", "best"):
             ckpt_lib.save_tokenizer(ckpt_root / folder, tokenizer)
 
     log = MetricsLog(workdir, enabled=is_lead, truncate_after=start)
-    run_changes, free_changes = config_changes
     if run_changes:  # only with allow_config_change: the run's identity changed here, on the record
         log.write(start, {"allow_config_change": 1.0})
         log.message(f"note: resuming at step {start} with changed run keys (allow_config_change): {_listed(run_changes)}")
     if free_changes:
         log.message(f"note: resuming with changed settings: {_listed(free_changes)}")
-    # One executable serves the whole run: a batch of another shape is an error, not a silent
-    # recompilation.
-    update_fn = make_train_step(graphdef, optimizer, mesh, shardings, objective_config(config),
-                                optim_config(config, total_steps), skip_nonfinite=config.on_nonfinite == "skip", fold_in_step=True)
-    update, compile_info = compile_train_step(update_fn, abstract_state, data.abstract_batch(),
-                                              compiler_options(config.cpu_onednn, jax.devices()[0].platform),
+    if {"evaluators", "best_metric"} & free_changes.keys() and best[1] is not None:
+        best = (-math.inf, None)  # another metric: the recorded best score is no yardstick
+        log.message("note: the best checkpoint is selected afresh from here (evaluators or best_metric changed)")
+    update, compile_info = compile_train_step(built.step, built.abstract.state, data.abstract_batch(), built.compiler_options,
                                               on_fallback=lambda why: log.message(f"note: {why}"))
     log.message(f"compiled the update step in {compile_info['compile_seconds']:.1f} s; peak memory per "
                 f"device {compile_info.get('step_peak_memory_mib', 'n/a')} MiB")
-    # Evaluation and the test table compute in `eval_dtype` (float32 by default) on the same
-    # parameters: the numbers the exported float32 folder gives in transformers and SentEval.
-    eval_graphdef = encoder_graphdef(dataclasses.replace(enc_cfg, compute_dtype=config.eval_dtype))
-    evaluator = TrainingEvaluator(config, eval_graphdef, tokenizer, mesh, sts_dir, heldout)
     per_device = config.global_batch_size // data_parallel_size(mesh)
     log.message(
         f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.local_device_count()} on each of "
@@ -242,180 +299,256 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, progress: bool = T
         f"sentences x {data.data.num_sent} views, {per_device} per data-parallel shard | {total_steps} steps "
         f"({data.batches_per_epoch} per epoch) | compute {config.compute_dtype}, evaluation {config.eval_dtype} | {resumed}"
     )
+    return Run(config=config, workdir=workdir, is_lead=is_lead, tokenizer=tokenizer, hf_config=hf_config, data=data,
+               total_steps=total_steps, built=built, update=update, compile_info=compile_info, evaluator=evaluator,
+               checkpoints=checkpoints, log=log,
+               bar=log.progress(total_steps, start, config.global_batch_size) if progress else None,
+               state=state, step=start, best_score=best[0], best_step=best[1], position=data.state(),
+               base_key=jax.random.key(config.seed), pending=PendingMeasurements(), clock=LoopClock(start))
 
-    # --- 4. the loop
-    base_key = jax.random.key(config.seed)
-    preemption = distributed.Preemption(config.preemption_check_steps)
-    save_every = config.save_steps or config.eval_steps
-    bar = log.progress(total_steps, start, config.global_batch_size) if progress else None
-    pending = PendingMeasurements()
-    rates: list[float] = []
-    # A logged rate measures training only: time spent evaluating and issuing checkpoint saves
-    # inside a log interval is taken out of its rate (logged as the interval's `excluded_seconds`;
-    # each evaluation's own `eval_seconds` is in its record; the run's totals in results.json).
-    clock = {"time": time.perf_counter(), "step": start, "paused": 0.0}
-    spent = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
-    position = data.state()  # of the batches consumed so far: what a checkpoint records
-    meas_epoch: dict[int, float] = {}  # epoch progress at each log step, for its metrics line
-    status, step, log_due = "completed", start, None
-    batches = Prefetch(data, config.prefetch_batches)
-    t_start = time.perf_counter()
 
-    def consume(upto: int | None = None) -> None:
-        """Fetches pending measurements: stops on a non-finite step, logs the log steps."""
-        for s, meas in pending.fetch(upto):
-            if not _is_finite(meas):
-                if config.on_nonfinite == "stop":
-                    good = latest.latest_step()
-                    raise TrainingError(
-                        f"step {s}: non-finite loss {meas['loss']} / grad norm {meas['grad_norm']}; stopped "
-                        f"without saving. The last good checkpoint is "
-                        f"{'step ' + str(good) + ' in ' + str(ckpt_root / 'latest') if good is not None else 'none'}; "
-                        f"lower learning_rate (with --set allow_config_change=true) or set on_nonfinite=skip"
-                    )
-                log.message(f"step {s}: non-finite loss; update skipped (on_nonfinite=skip)")
-            if s % config.log_every == 0 or s == total_steps:
-                now = time.perf_counter()
-                rate = (s - clock["step"]) / max(now - clock["time"] - clock["paused"], 1e-9)
-                excluded = {"excluded_seconds": clock["paused"]} if clock["paused"] else {}
-                clock.update(time=now, step=s, paused=0.0)
-                rates.append(rate * config.global_batch_size)
-                epoch = meas_epoch.pop(s, None)
-                log.write(s, {**meas, "steps_per_s": rate, "sentences_per_s": rate * config.global_batch_size,
-                              **excluded, **({"epoch": epoch} if epoch is not None else {})})
-                if bar is not None:
-                    bar.show(meas)
+def _restore_or_import(config: TrainConfig, built: UpdateStep, checkpoints: Checkpoints, data: DataIterator, model_dir: Path,
+                       is_lead: bool) -> tuple[TrainState, int, tuple[float, int | None], str]:
+    """(state, start step, (best score, best step), how the run began): the newest complete
+    checkpoint's state and data position, or the Hugging Face folder's weights placed by the rules."""
+    latest, best, root = checkpoints.latest, checkpoints.best, checkpoints.root
+    start, restored, damaged = ckpt_lib.restore_newest(
+        latest, lambda s: ckpt_lib.restore_train_state(latest, s, built.abstract.state, built.shardings),
+        step=config.resume_step, agree=distributed.all_hosts, is_lead=is_lead, barrier=distributed.barrier)
+    for d in damaged:
+        if is_lead:
+            print(f"checkpoint step {d.step} in {root / 'latest'} is damaged: {d.reason}; moved it to {d.moved_to}",
+                  file=sys.stderr, flush=True)
+    if start is None:
+        loaded = load_pretrained(model_dir, compute_dtype=config.compute_dtype, with_mlm_head=config.do_mlm,
+                                 **dropout_overrides(config))
+        if config.pooler == "cls" and config.mlp_init == "fresh":
+            fresh_mlp(loaded.model, config.seed)
+        _, state, _ = init_train_state(loaded.model, built.optimizer, built.mesh)
+        return state, 0, (-math.inf, None), f"started from {model_dir}"
+    state, _, saved = restored
+    data.restore(saved["iterator"])
+    for stale in [s for s in best.all_steps() if s > start]:  # from a lost future of the run
+        best.delete(stale)
+    later = [s for s in latest.all_steps() if s > start]
+    if later:  # only with resume_step: a future of the run that this one replaces
+        if is_lead:
+            print(f"resume_step={start}: deleting the later step(s) {', '.join(map(str, later))} of {root / 'latest'}",
+                  file=sys.stderr, flush=True)
+        for s in later:
+            latest.delete(s)
+    fallback = f"; newer step(s) {', '.join(str(d.step) for d in damaged)} damaged" if damaged else ""
+    resumed = f"resumed from step {start} ({root / 'latest' / str(start)}{fallback})"
+    return state, start, (saved.get("best_score", -math.inf), saved.get("best_step")), resumed
 
+
+# ----------------------------------------------------------------------------- 2. the loop and its hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(run, step)` after every `every`-th update (and after the last with `at_last`).
+    `lag`: one update later than that, for the same step (`fn` gets the step it is for)."""
+
+    fn: Callable[[Run, int], None]
+    every: int
+    at_last: bool = False
+    lag: int = 0
+
+    def step_due(self, step: int, last: int) -> int | None:
+        if self.at_last and step == last:
+            return step
+        due = step - self.lag
+        return due if due > 0 and due % self.every == 0 else None
+
+
+class Hooks:
+    """The loop's periodic work, run in the order added after each update (levanter's `add_hook`)."""
+
+    def __init__(self):
+        self.hooks: list[Hook] = []
+
+    def add_hook(self, fn: Callable[[Run, int], None], *, every: int, at_last: bool = False, lag: int = 0) -> None:
+        self.hooks.append(Hook(fn, every, at_last, lag))
+
+    def run(self, run: Run) -> None:
+        for hook in self.hooks:
+            step = hook.step_due(run.step, run.total_steps)
+            if step is not None:
+                hook.fn(run, step)
+
+
+def loop_hooks(run: Run, callback=None) -> Hooks:
+    """The loop's hooks, in the order they run after an update."""
+    config, hooks = run.config, Hooks()
+    # A log step's measurements are read one update later: that update is already queued behind them.
+    hooks.add_hook(lambda run, step: read_measurements(run, upto=step), every=config.log_every, lag=1)
+    if run.bar is not None:
+        hooks.add_hook(lambda run, step: run.bar.advance(), every=1)
+    if callback is not None:
+        hooks.add_hook(lambda run, step: callback("step", step), every=1)
+    hooks.add_hook(evaluate, every=config.eval_steps, at_last=True)
+    hooks.add_hook(save_checkpoint, every=config.save_steps or config.eval_steps, at_last=True)
+    hooks.add_hook(check_preemption, every=1)  # multi-host: a vote every preemption_check_steps and at saves
+    if callback is not None:
+        def after_save(run: Run, step: int) -> None:
+            if run.saved_step == step:  # a periodic save or a preemption's
+                callback("checkpoint", step)
+
+        hooks.add_hook(after_save, every=1)
+    return hooks
+
+
+def train_loop(run: Run, hooks: Hooks) -> None:
+    """Dispatches updates until the last step or a preemption, running `hooks` after each."""
+    batches = Prefetch(run.data, run.config.prefetch_batches)
+    run.preemption = distributed.Preemption(run.config.preemption_check_steps)
+    latest = run.checkpoints.latest
     ended = "failed"
     try:
-        while step < total_steps:
-            batch, next_position = next(batches)
-            state, meas = update(state, batch, base_key)  # dropout key: fold_in(base_key, state.step), in the step
-            step += 1
-            pending.add(step, meas)
-            position = next_position
-            if step % config.log_every == 0 or step == total_steps:
-                meas_epoch[step] = position["epoch"] + position["batch"] / data.batches_per_epoch
-            if log_due is not None:  # the previous log step's values: update `step` is queued behind them
-                consume(log_due)
-                log_due = None
-            if bar is not None:
-                bar.advance()
-            if callback is not None:
-                callback("step", step)
-            is_eval = step % config.eval_steps == 0 or step == total_steps
-            is_save = step % save_every == 0 or step == total_steps
-            stop = preemption.should_stop(step, saving=is_save)
-            if not (is_eval or is_save or stop):
-                if step % config.log_every == 0:
-                    log_due = step
-                continue
-            consume()  # before an evaluation or a save: every step so far is finite
-            if is_eval:
-                t0 = time.perf_counter()
-                scores = evaluator.dev(state.params)
-                seconds = time.perf_counter() - t0
-                pause(clock, spent, "eval_seconds", seconds)
-                if scores:
-                    log.write(step, {**scores, "eval_seconds": seconds})
-                    score = scores.get(f"eval/{BEST_METRIC}")
-                    if score is not None and score > best_score:
-                        best_score, best_step = score, step
-                        t0 = time.perf_counter()
-                        ckpt_lib.save_params(best, step, state.params, {**meta, "best_score": score})
-                        ckpt_lib.finish_saves(best)
-                        pause(clock, spent, "checkpoint_seconds", time.perf_counter() - t0)
-                    log.message(eval_line(step, scores, best_score, best_step))
-            if is_save or stop:
-                t0 = time.perf_counter()
-                ckpt_lib.save_train_state(latest, step, state, meta, {
-                    "iterator": position, "best_score": best_score, "best_step": best_step,
-                    "rng": {"seed": config.seed, "dropout_key": "fold_in(key(seed), step)"}})
-                log.flush()  # gs://: metrics.jsonl and TensorBoard events reach the bucket with each checkpoint
-                pause(clock, spent, "checkpoint_seconds", time.perf_counter() - t0)
-                if callback is not None:
-                    callback("checkpoint", step)
-            if stop and step < total_steps:
-                ckpt_lib.finish_saves(latest)
-                status = "preempted"
-                log.message(f"preempted: saved step {step} in {ckpt_root / 'latest'}; rerun the same command to resume")
-                break
+        while run.step < run.total_steps and not run.stopping:
+            batch, run.position = next(batches)
+            run.state, meas = run.update(run.state, batch, run.base_key)  # dropout key: fold_in(base_key, state.step), in the step
+            run.step += 1
+            run.pending.add(run.step, meas, run.position["epoch"] + run.position["batch"] / run.data.batches_per_epoch)
+            hooks.run(run)
+        if run.stopping and run.step < run.total_steps:
+            ckpt_lib.finish_saves(latest)
+            run.log.message(f"preempted: saved step {run.step} in {run.checkpoints.root / 'latest'}; "
+                            "rerun the same command to resume")
         ended = "ok"
     except KeyboardInterrupt:
         ended = "aborted"
         raise
     finally:
         batches.close()
-        preemption.restore()
-        if bar is not None:
-            bar.close()
+        run.preemption.restore()
+        if run.bar is not None:
+            run.bar.close()
         if ended == "ok":
             ckpt_lib.finish_saves(latest)
         elif ended == "failed":  # let an in-flight save of a good step complete; its own error is secondary
             with contextlib.suppress(Exception):
                 latest.wait_until_finished()
         # "aborted" (a second Ctrl-C): no waiting; an unfinished save leaves no visible step
-    if status == "preempted":
-        log.close()
-        latest.close()
-        best.close()
-        return {"status": "preempted", "step": step}
 
-    # --- 5. the end: best parameters -> STS test -> export -> results.json
-    pooler = eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler)
-    loop_seconds = time.perf_counter() - t_start
-    results = {"status": status, "steps": step, "best_step": best_step, "best_dev_stsb": None if best_step is None else best_score,
-               "eval_pooler": pooler, "compute_dtype": config.compute_dtype, "eval_dtype": config.eval_dtype,
-               "workdir": str(workdir), "global_batch_size": config.global_batch_size,
-               "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh.shape),
+
+def read_measurements(run: Run, upto: int | None = None) -> None:
+    """Fetches pending measurements (up to step `upto`, default all): stops on a non-finite step,
+    logs the log steps. Every evaluation and save reads all first: every step so far is finite."""
+    config = run.config
+    for s, meas, epoch in run.pending.fetch(upto):
+        if not _is_finite(meas):
+            if config.on_nonfinite == "stop":
+                good = run.checkpoints.latest.latest_step()
+                where = f"step {good} in {run.checkpoints.root / 'latest'}" if good is not None else "none"
+                raise TrainingError(
+                    f"step {s}: non-finite loss {meas['loss']} / grad norm {meas['grad_norm']}; stopped without saving. "
+                    f"The last good checkpoint is {where}; "
+                    f"lower learning_rate (with --set allow_config_change=true) or set on_nonfinite=skip"
+                )
+            run.log.message(f"step {s}: non-finite loss; update skipped (on_nonfinite=skip)")
+        if s % config.log_every == 0 or s == run.total_steps:
+            run.log.write(s, {**meas, **run.clock.interval(s, config.global_batch_size), "epoch": epoch})
+            if run.bar is not None:
+                run.bar.show(meas)
+
+
+def evaluate(run: Run, step: int) -> None:
+    """The evaluators on the current parameters; a new best `best_metric` saves them to `best/`."""
+    read_measurements(run)
+    t0 = time.perf_counter()
+    scores = run.evaluator.dev(run.state.params)
+    seconds = run.clock.exclude("eval_seconds", t0)
+    if not scores:
+        return
+    run.log.write(step, {**scores, "eval_seconds": seconds})
+    metric = run.evaluator.best_metric
+    score = scores.get(f"eval/{metric}") if metric else None
+    if score is not None and score > run.best_score:
+        run.best_score, run.best_step = score, step
+        t0 = time.perf_counter()
+        ckpt_lib.save_params(run.checkpoints.best, step, run.state.params, {**run.checkpoints.meta, "best_score": score})
+        ckpt_lib.finish_saves(run.checkpoints.best)
+        run.clock.exclude("checkpoint_seconds", t0)
+    run.log.message(run.evaluator.line(step, scores, run.best_score, run.best_step))
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Issues the save of the training state and the data position to `latest/` (asynchronous by default)."""
+    read_measurements(run)
+    t0 = time.perf_counter()
+    ckpt_lib.save_train_state(run.checkpoints.latest, step, run.state, run.checkpoints.meta, {
+        "iterator": run.position, "best_score": run.best_score, "best_step": run.best_step,
+        "rng": {"seed": run.config.seed, "dropout_key": "fold_in(key(seed), step)"}})
+    run.log.flush()  # gs://: metrics.jsonl and TensorBoard events reach the bucket with each checkpoint
+    run.clock.exclude("checkpoint_seconds", t0)
+    run.saved_step = step
+
+
+def check_preemption(run: Run, step: int) -> None:
+    """SIGTERM or a first Ctrl-C (on any host): save this step, unless it just was, and stop."""
+    if run.preemption.should_stop(step, saving=run.saved_step == step):
+        if run.saved_step != step:
+            save_checkpoint(run, step)
+        run.stopping = True
+
+
+# ----------------------------------------------------------------------------- 3. the end of the run
+
+
+def end_of_run(run: Run) -> dict:
+    """Best parameters -> the evaluators' end of the run (STS test) -> export -> results.json."""
+    config, clock = run.config, run.clock
+    loop_seconds = time.perf_counter() - clock.start
+    metric, found = run.evaluator.best_metric, run.best_step is not None
+    results = {"status": "completed", "steps": run.step, "best_step": run.best_step,
+               "best_dev_stsb": run.best_score if found and metric == "STSBenchmark" else None,
+               "best_metric": metric, "best_score": run.best_score if found else None,
+               "eval_pooler": eval_pooler(config.pooler, config.mlp_only_train, config.eval_pooler),
+               "compute_dtype": config.compute_dtype, "eval_dtype": config.eval_dtype,
+               "workdir": str(run.workdir), "global_batch_size": config.global_batch_size,
+               "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(run.mesh.shape),
                # train_seconds: the loop without its evaluations and checkpoint saves (loop_seconds has them)
-               "train_seconds": round(loop_seconds - spent["eval_seconds"] - spent["checkpoint_seconds"], 2),
-               "loop_seconds": round(loop_seconds, 2), **{k: round(v, 2) for k, v in spent.items()}, **compile_info}
-    if len(rates) > 1:  # the first logged interval includes the first dispatch's warm-up
-        results["sentences_per_s"] = float(np.median(rates[1:]))
-    final_params = state.params
-    if best_step is not None:
-        final_params = ckpt_lib.restore_params(best, best_step, abstract_params, shardings.params)
-    scores = None
-    if sts_dir is not None and config.do_test_eval:
-        t0 = time.perf_counter()
-        test = evaluator.test(final_params)
-        results["sts_test"] = test
-        results["test_eval_seconds"] = round(time.perf_counter() - t0, 2)
-        scores = test["paper"]
-        log.message(f"STS test (Spearman x 100, {pooler} pooler, {config.eval_dtype}, step {best_step or step}):\n"
-                    + sts.format_table(scores))
-    elif sts_dir is None and heldout is not None:
-        results["heldout"] = evaluator.heldout_alignment_uniformity(final_params)
-        log.message(f"held-out alignment {results['heldout']['alignment']:.4f}, uniformity {results['heldout']['uniformity']:.4f} "
-                    f"(no STS folder: pass --set sts_dir=... or $SIMCSE_STS_DIR for the STS table)")
+               "train_seconds": round(loop_seconds - clock.spent["eval_seconds"] - clock.spent["checkpoint_seconds"], 2),
+               "loop_seconds": round(loop_seconds, 2), **{k: round(v, 2) for k, v in clock.spent.items()}, **run.compile_info}
+    if len(clock.rates) > 1:  # the first logged interval includes the first dispatch's warm-up
+        results["sentences_per_s"] = float(np.median(clock.rates[1:]))
+    params = run.state.params
+    if found:
+        params = ckpt_lib.restore_params(run.checkpoints.best, run.best_step, run.built.abstract.state.params,
+                                         run.built.shardings.params)
+    card_scores = None
+    for final in run.evaluator.final(params, run.best_step or run.step):
+        results.update(final.results)
+        run.log.message(final.message)
+        card_scores = card_scores or final.card_scores
     if config.do_export:
-        t0 = time.perf_counter()
-        export_dir = workdir / "export"
-        # Gather to every host (replicated) so process 0 can write the whole model.
-        replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(final_params)
-        if is_lead:
-            from simcse_jax.hf_export import export_model
-
-            export_model(nnx.merge(graphdef, replicated), tokenizer, export_dir, pooler=pooler,
-                         hf_config=hf_config, meta={**meta, "step": best_step or step}, scores=scores, overwrite=True)
-            log.message(f"exported the {'best (step ' + str(best_step) + ')' if best_step else 'final'} model to {export_dir} "
-                        f"(transformers / sentence-transformers / simcse; pooler {pooler})")
-        results["export_dir"] = str(export_dir)
-        results["export_seconds"] = round(time.perf_counter() - t0, 2)
-    if is_lead:
-        paths.write_text_atomic(workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
-        log.message(f"wrote {workdir / 'results.json'}")
-    log.close()
-    latest.close()
-    best.close()
+        results.update(export(run, params, card_scores))
+    if run.is_lead:
+        paths.write_text_atomic(run.workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+        run.log.message(f"wrote {run.workdir / 'results.json'}")
+    run.log.close()
+    run.checkpoints.close()
     return results
 
 
-def pause(clock: dict, spent: dict, kind: str, seconds: float) -> None:
-    """Takes `seconds` of `kind` (eval_seconds, checkpoint_seconds) out of the current log interval."""
-    clock["paused"] += seconds
-    spent[kind] += seconds
+def export(run: Run, params, card_scores: dict | None) -> dict:
+    """Writes `params` as a Hugging Face folder in `<workdir>/export`; its results.json entries."""
+    t0 = time.perf_counter()
+    export_dir = run.workdir / "export"
+    pooler = eval_pooler(run.config.pooler, run.config.mlp_only_train, run.config.eval_pooler)
+    # Gather to every host (replicated) so process 0 can write the whole model.
+    replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(run.mesh, P()))(params)
+    if run.is_lead:
+        from simcse_jax.hf_export import export_model
+
+        step = run.best_step or run.step
+        export_model(nnx.merge(run.built.graphdef, replicated), run.tokenizer, export_dir, pooler=pooler,
+                     hf_config=run.hf_config, meta={**run.checkpoints.meta, "step": step}, scores=card_scores, overwrite=True)
+        which = f"best (step {run.best_step})" if run.best_step else "final"
+        run.log.message(f"exported the {which} model to {export_dir} (transformers / sentence-transformers / simcse; pooler {pooler})")
+    return {"export_dir": str(export_dir), "export_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def workdir_path(workdir: str | os.PathLike):

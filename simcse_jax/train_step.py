@@ -18,7 +18,6 @@ distinct first-view pairs), `grad_norm` (the gradient given to the clipper, i.e.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +31,6 @@ from simcse_jax.grad_cache import grad_cache_value_and_grad
 from simcse_jax.objective import ObjectiveConfig, num_chunks_for, objective_fn
 from simcse_jax.optim import OptimConfig, global_norm, linear_schedule
 from simcse_jax.sharding import batch_sharding, data_parallel_size, param_shardings
-from simcse_jax.xla_options import compile_with_fallback
 
 
 def objective_config(config) -> ObjectiveConfig:
@@ -222,23 +220,3 @@ def make_train_step(
     )
     return TrainStep(jitted, mesh)
 
-
-def compile_train_step(step: TrainStep, abstract_state: TrainState, abstract_batch: dict,
-                       compiler_options: dict | None = None, *, on_fallback=None):
-    """Compiles the update ahead of time from abstract arguments, before any batch exists.
-
-    Returns (executable, info) with the compile time, the peak memory per device and the
-    compiler options that took effect: a jaxlib that rejects `compiler_options` (e.g. oneDNN
-    flags it does not know) gets the step without them (`xla_options.compile_with_fallback`;
-    `on_fallback(message)` hears why).
-    """
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    t0 = time.perf_counter()
-    compiled, used = compile_with_fallback(step.lower(abstract_state, abstract_batch, key), compiler_options,
-                                           on_fallback=on_fallback)
-    info: dict[str, Any] = {"compile_seconds": round(time.perf_counter() - t0, 2), "compiler_options": dict(used or {})}
-    mem = compiled.memory_analysis()
-    if mem is not None:  # per device: arguments + outputs - donated aliases + temporaries
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-        info["step_peak_memory_mib"] = round(peak / 2**20, 1)
-    return compiled, info

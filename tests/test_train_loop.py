@@ -63,7 +63,7 @@ def test_logged_rates_exclude_evaluation_and_checkpoint_time(tiny_model_dir, tra
     import statistics
     import time
 
-    from simcse_jax.evaluate import TrainingEvaluator
+    from simcse_jax.evaluators import TrainingEvaluator
 
     slow_s = 1.5
 
@@ -91,3 +91,21 @@ def test_logged_rates_exclude_evaluation_and_checkpoint_time(tiny_model_dir, tra
     assert [e["step"] for e in evals] == [10, 20, 30] and all(e["eval_seconds"] >= slow_s for e in evals)
     assert results["eval_seconds"] >= 3 * slow_s and results["checkpoint_seconds"] > 0
     assert results["train_seconds"] <= results["loop_seconds"] - 3 * slow_s
+
+
+def test_hooks_run_at_their_periods_in_the_order_added():
+    """`every`: after every N-th update; `at_last`: also after the last; `lag=1`: one update
+    later, for the same step (how a log step's measurements are read once the next update is queued)."""
+    import types
+
+    from simcse_jax.train import Hooks
+
+    calls = []
+    hooks = Hooks()
+    hooks.add_hook(lambda run, step: calls.append(("read log step", step, run.step)), every=4, lag=1)
+    hooks.add_hook(lambda run, step: calls.append(("evaluate", step, run.step)), every=5, at_last=True)
+    run = types.SimpleNamespace(step=0, total_steps=12)
+    for run.step in range(1, 13):
+        hooks.run(run)
+    assert calls == [("read log step", 4, 5), ("evaluate", 5, 5), ("read log step", 8, 9), ("evaluate", 10, 10),
+                     ("evaluate", 12, 12)]
