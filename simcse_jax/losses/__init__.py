@@ -23,6 +23,7 @@ from simcse_jax.losses.dense import (
     simcse_loss_shard_map,
     uniformity,
 )
+from simcse_jax.losses.ring import simcse_loss_and_accuracy_ring, uniformity_ring
 
 __all__ = [
     "COSINE_EPS",
@@ -34,7 +35,9 @@ __all__ = [
     "simcse_loss",
     "simcse_loss_and_accuracy",
     "simcse_loss_and_accuracy_blockwise",
+    "simcse_loss_and_accuracy_ring",
     "simcse_loss_shard_map",
     "uniformity",
     "uniformity_blockwise",
+    "uniformity_ring",
 ]
