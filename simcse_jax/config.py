@@ -25,6 +25,8 @@ from simcse_jax.errors import ConfigError
 # The SimCSE reference's poolers (implemented in poolers.py). Named here, without jax, because a
 # config, a checkpoint's meta and the command line all choose among them.
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")
+# The contrastive loss's implementations (simcse_jax/losses/): the same loss and gradients.
+CONTRASTIVE_IMPLS = ("dense", "blockwise", "ring")
 
 
 def check_pooler(pooler: str, where: str = "pooler") -> str:
@@ -68,6 +70,12 @@ class TrainConfig:
     do_mlm: bool = False
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
+    # How the contrastive loss is computed (the same loss and gradients, see simcse_jax/losses/):
+    # "dense" materialises the B/devices x B logits (the reference's numerics, the paper configs);
+    # "blockwise" an online log-sum-exp over contrastive_block_size columns at a time; "ring"
+    # that, with the keys passed around the data-parallel devices. Memory linear in B for both.
+    contrastive_impl: str = "dense"
+    contrastive_block_size: int = 1024
     # --- optimisation
     global_batch_size: int = 64  # sentences (not views) per step, over all devices and hosts
     num_epochs: float = 1.0
@@ -137,6 +145,7 @@ FREE_KEYS = frozenset({
     "resume_step", "async_checkpointing", "do_export", "do_test_eval", "data_cache_dir", "preemption_check_steps",
     "prefetch_batches", "mesh_data", "mesh_fsdp", "mesh_tensor",  # resharding on resume is a feature
     "grad_cache_chunk_size",  # the same loss and gradients, in chunks (a memory knob)
+    "contrastive_impl", "contrastive_block_size",  # the same loss and gradients, computed another way
     "cpu_onednn", "on_nonfinite", "host_heartbeat_timeout_s", "host_shutdown_timeout_s", "allow_config_change",
 })
 
@@ -287,6 +296,10 @@ def validate(config: TrainConfig, *, num_devices: int, check_files: bool = True)
     for key in ("host_heartbeat_timeout_s", "host_shutdown_timeout_s"):
         if getattr(c, key) < 1:
             bad(key, "must be >= 1 second")
+    if c.contrastive_impl not in CONTRASTIVE_IMPLS:
+        bad("contrastive_impl", f"choose one of {', '.join(CONTRASTIVE_IMPLS)}")
+    if c.contrastive_block_size < 1:
+        bad("contrastive_block_size", "must be >= 1 (key columns per block of the blockwise/ring loss)")
     if c.mlp_init not in ("fresh", "checkpoint"):
         bad("mlp_init", "must be 'fresh' or 'checkpoint'")
     if c.on_nonfinite not in ("stop", "skip"):
