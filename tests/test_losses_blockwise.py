@@ -152,3 +152,23 @@ def test_bad_block_size_and_ring_split_are_refused_naming_the_key():
     mesh = make_mesh({"data": 8})
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="contrastive_impl='ring'.*36 rows"):
         jax.jit(lambda a, b: simcse_loss_and_accuracy_ring(a[:36], b[:36]))(*zs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_runs_under_the_trainers_cpu_onednn_options(impl):
+    """The trainer compiles the step with oneDNN dots on CPU (cpu_onednn). A ring visit of one
+    block once let XLA fuse the gradient accumulation into a oneDNN dot that died with SIGILL;
+    here every visit would be one block of 128 > 16 columns (see blockwise._blocks)."""
+    from simcse_jax.xla_options import CPU_ONEDNN_OPTIONS
+
+    rng = np.random.default_rng(0)
+    zs = [jnp.asarray(rng.normal(size=(128, 32)), jnp.float32) for _ in range(2)]
+    mesh = make_mesh({"data": 8})
+    loss = {"blockwise": simcse_loss_and_accuracy_blockwise, "ring": simcse_loss_and_accuracy_ring}[impl]
+    grad = jax.grad(lambda *z: loss(*z, temperature=0.05, block_size=128)[0], argnums=(0, 1))
+    expected = jax.jit(jax.grad(lambda *z: simcse_loss_and_accuracy(*z, temperature=0.05)[0], argnums=(0, 1)))(*zs)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(zs, NamedSharding(mesh, P("data")))
+        got = jax.jit(grad, compiler_options=CPU_ONEDNN_OPTIONS)(*sharded)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=0, atol=1e-4 * np.abs(np.asarray(e)).max())

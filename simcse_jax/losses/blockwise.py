@@ -91,8 +91,15 @@ class RowState(NamedTuple):
 
 
 def _blocks(keys: jax.Array, cols: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """keys [c, H], cols [c] -> [n, block, H], [n, block]; the last block padded (cols -1)."""
+    """keys [c, H], cols [c] -> [n, block, H], [n, block]; the last block padded (cols -1).
+
+    At least two blocks (of about c/2 columns when c <= block): a one-step loop is inlined by
+    XLA, and XLA-CPU's oneDNN dot fusion then folds the ring's gradient accumulation into the
+    dot, which dies with SIGILL on this project's AVX-512 hosts (jaxlib 0.10.2, cpu_onednn).
+    """
     c = keys.shape[0]
+    if 1 < c <= block:
+        block = math.ceil(c / 2)
     n = max(1, math.ceil(c / block))
     pad = n * block - c
     keys = jnp.pad(keys, ((0, pad), (0, 0))).reshape(n, block, keys.shape[1])
