@@ -23,6 +23,9 @@ from simcse_jax import paths
 from simcse_jax.errors import ConfigError, StsDataError
 from simcse_jax.poolers import check_pooler
 
+# The contrastive loss's implementations (simcse_jax/losses/): the same loss and gradients.
+CONTRASTIVE_IMPLS = ("dense", "blockwise", "ring")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -47,6 +50,12 @@ class TrainConfig:
     do_mlm: bool = False
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
+    # How the contrastive loss is computed (the same loss and gradients, see simcse_jax/losses/):
+    # "dense" materialises the B/devices x B logits (the reference's numerics, the paper configs);
+    # "blockwise" an online log-sum-exp over contrastive_block_size columns at a time; "ring"
+    # that, with the keys passed around the data-parallel devices. Memory linear in B for both.
+    contrastive_impl: str = "dense"
+    contrastive_block_size: int = 1024
     # --- optimisation
     global_batch_size: int = 64  # sentences (not views) per step, over all devices and hosts
     num_epochs: float = 1.0
@@ -121,6 +130,7 @@ FREE_KEYS = frozenset({
     "resume_step", "async_checkpointing", "do_export", "do_test_eval", "data_cache_dir", "preemption_check_steps",
     "prefetch_batches", "mesh_data", "mesh_fsdp", "mesh_tensor",  # resharding on resume is a feature
     "grad_cache_chunk_size",  # the same loss and gradients, in chunks (a memory knob)
+    "contrastive_impl", "contrastive_block_size",  # the same loss and gradients, computed another way
     "cpu_onednn", "on_nonfinite", "host_heartbeat_timeout_s", "host_shutdown_timeout_s", "allow_config_change",
 })
 
@@ -250,6 +260,11 @@ def check_objective(c, prefix: str = "") -> None:
         value = getattr(c, key)
         if value is not None and value < 0:
             _refuse(prefix + key, value, "must not be negative")
+    if c.contrastive_impl not in CONTRASTIVE_IMPLS:
+        _refuse(f"{prefix}contrastive_impl", c.contrastive_impl, f"choose one of {', '.join(CONTRASTIVE_IMPLS)}")
+    if c.contrastive_block_size < 1:
+        _refuse(f"{prefix}contrastive_block_size", c.contrastive_block_size,
+                "must be >= 1 (key columns per block of the blockwise/ring loss)")
     if c.gradient_accumulation_steps != 1:
         _refuse(
             prefix + "gradient_accumulation_steps", c.gradient_accumulation_steps,

@@ -37,7 +37,16 @@ from flax import nnx
 
 from simcse_jax.config import check_objective, grad_cache_chunks
 from simcse_jax.encoder import Encoder
-from simcse_jax.losses import alignment, masked_lm_loss_sum, simcse_loss_and_accuracy, uniformity
+from simcse_jax.losses import (
+    alignment,
+    masked_lm_loss_sum,
+    simcse_loss_and_accuracy,
+    simcse_loss_and_accuracy_blockwise,
+    simcse_loss_and_accuracy_ring,
+    uniformity,
+    uniformity_blockwise,
+    uniformity_ring,
+)
 from simcse_jax.poolers import eval_pooler, needs_hidden_states, pool
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -59,6 +68,10 @@ class ObjectiveConfig:
     grad_cache_chunk_size: int | None = None
     # Refused above 1: see the module docstring (use grad_cache_chunk_size instead).
     gradient_accumulation_steps: int = 1
+    # dense | blockwise | ring: the same loss and gradients (simcse_jax/losses/); the last two
+    # never form the B x B logits (memory linear in B), ring not the [B, H] keys either.
+    contrastive_impl: str = "dense"
+    contrastive_block_size: int = 1024
 
     def __post_init__(self):
         check_objective(self, "objective.")  # the same rules as config.validate's
@@ -151,17 +164,30 @@ def num_chunks_for(cfg: ObjectiveConfig, global_batch: int, data_parallel: int) 
 
 
 def contrastive_terms(z: jax.Array, cfg: ObjectiveConfig) -> tuple[jax.Array, dict]:
-    """SimCSE loss of embeddings [B, num_sent, H] and the batch statistics of the measurements."""
+    """SimCSE loss of embeddings [B, num_sent, H] and the batch statistics of the measurements.
+
+    `cfg.contrastive_impl` chooses how the loss and the uniformity (all B(B-1) pairs, exact in
+    every implementation) are computed; `ring` takes the mesh set by the train step.
+    """
     z1, z2 = z[:, 0], z[:, 1]
     z3 = z[:, 2] if z.shape[1] == 3 else None
-    loss, acc = simcse_loss_and_accuracy(
-        z1, z2, z3, temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight
-    )
+    kw = dict(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight)
+    if cfg.contrastive_impl == "dense":
+        loss, acc = simcse_loss_and_accuracy(z1, z2, z3, **kw)
+        unif = uniformity(z1)
+    else:
+        block = dict(block_size=cfg.contrastive_block_size)
+        loss_fn, unif_fn = {
+            "blockwise": (simcse_loss_and_accuracy_blockwise, uniformity_blockwise),
+            "ring": (simcse_loss_and_accuracy_ring, uniformity_ring),
+        }[cfg.contrastive_impl]
+        loss, acc = loss_fn(z1, z2, z3, **kw, **block)
+        unif = unif_fn(z1, **block)
     stats = {
         "simcse_loss": loss,
         "accuracy": acc,
         "alignment": jax.lax.stop_gradient(alignment(z1, z2)),
-        "uniformity": jax.lax.stop_gradient(uniformity(z1)),
+        "uniformity": jax.lax.stop_gradient(unif),
     }
     return loss, stats
 

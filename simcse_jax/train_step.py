@@ -45,6 +45,8 @@ def objective_config(config) -> ObjectiveConfig:
         mlm_weight=config.mlm_weight,
         grad_cache_chunk_size=config.grad_cache_chunk_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        contrastive_impl=config.contrastive_impl,
+        contrastive_block_size=config.contrastive_block_size,
     )
 
 

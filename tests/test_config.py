@@ -44,6 +44,7 @@ def test_paper_config_builds_abstractly_on_8_devices(setting):
     assert config.max_seq_length == 32 and config.temperature == 0.05 and config.eval_steps == 125
     assert config.mlp_only_train == setting.startswith("unsup") and config.pooler == "cls"
     assert config.do_mlm == setting.endswith("+mlm")
+    assert config.contrastive_impl == "dense"  # the reference's numerics
     validate(config, num_devices=jax.device_count(), check_files=False)
     mesh = make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor})
     assert config.global_batch_size % data_parallel_size(mesh) == 0
@@ -81,6 +82,8 @@ def test_demo_config_and_overrides_are_typed():
         ({"grad_cache_chunk_size": 12}, r"^grad_cache_chunk_size: must divide global_batch_size 64"),
         ({"mesh_data": 3}, r"^mesh_data: mesh sizes .* do not fit 8 devices"),
         ({"on_nonfinite": "ignore"}, r"^on_nonfinite:"),
+        ({"contrastive_impl": "flash"}, r"^contrastive_impl: choose one of dense, blockwise, ring"),
+        ({"contrastive_block_size": 0}, r"^contrastive_block_size: must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(changes, message):
@@ -115,6 +118,10 @@ def test_resume_refuses_run_keys_and_accepts_the_others(tmp_path):
     changed = TrainConfig().replace(eval_steps=7, log_every=3, save_steps=5, mesh_data=2, mesh_fsdp=4)
     assert check_resume(recorded, changed, path) == ({}, {"eval_steps": (125, 7), "log_every": (10, 3), "save_steps": (0, 5),
                                                           "mesh_data": (-1, 2), "mesh_fsdp": (1, 4)})
+    # The contrastive loss computed another way is the same run (a memory knob, like grad caching).
+    swapped = TrainConfig().replace(contrastive_impl="ring", contrastive_block_size=256)
+    assert check_resume(recorded, swapped, path) == ({}, {"contrastive_impl": ("dense", "ring"),
+                                                          "contrastive_block_size": (1024, 256)})
     # A key that the recorded config predates is not a change; every free key is a real field.
     assert check_resume({k: v for k, v in recorded.items() if k != "seed"}, TrainConfig().replace(seed=1), path) == ({}, {})
     assert FREE_KEYS <= set(recorded)

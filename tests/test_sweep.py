@@ -35,6 +35,21 @@ def test_grid_is_the_cartesian_product_in_order_with_one_folder_per_point(tmp_pa
     assert run_name({}) == "default"
 
 
+def test_grid_over_the_contrastive_loss_implementation(tmp_path):
+    """A scaling study grids over contrastive_impl like any key: each run trains with its loss; a
+    value no run could take is left out of the plan with the reason naming the key."""
+    grid = parse_grid(["global_batch_size=16,32", "contrastive_impl=dense,blockwise,ring,flash"])
+    runs = plan_sweep(DEMO, str(tmp_path), grid, overrides=["contrastive_block_size=8"])
+    assert [r.name for r in runs[:4]] == [f"global_batch_size=16,contrastive_impl={i}" for i in ("dense", "blockwise", "ring", "flash")]
+    for run in runs:
+        config = load_config(DEMO, list(run.overrides))
+        assert config.contrastive_impl == run.grid["contrastive_impl"] and config.contrastive_block_size == 8
+        if run.grid["contrastive_impl"] == "flash":
+            assert run.skipped.startswith("contrastive_impl: choose one of dense, blockwise, ring")
+        else:
+            assert run.skipped is None
+
+
 @pytest.mark.parametrize("rule", ["none", "linear", "sqrt"])
 def test_learning_rate_scaling_rules(rule, tmp_path):
     base_lr = load_config(DEMO).learning_rate

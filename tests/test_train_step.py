@@ -158,6 +158,8 @@ OBJECTIVE_FROM_CONFIG = {
     "do_mlm": ("do_mlm", True),
     "mlm_weight": ("mlm_weight", 0.3),
     "grad_cache_chunk_size": ("grad_cache_chunk_size", 8),
+    "contrastive_impl": ("contrastive_impl", "ring"),
+    "contrastive_block_size": ("contrastive_block_size", 64),
     "gradient_accumulation_steps": ("gradient_accumulation_steps", 4),  # refused: the refusal shows it arrived
 }
 OPTIM_FROM_CONFIG = {
