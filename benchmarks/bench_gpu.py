@@ -186,7 +186,8 @@ def bench_jax(batch_np, args) -> dict:
     from simcse_jax.objective import ObjectiveConfig
     from simcse_jax.optim import OptimConfig, make_optimizer
     from simcse_jax.sharding import batch_sharding, make_mesh
-    from simcse_jax.train_step import compile_train_step, init_train_state, make_train_step
+    from simcse_jax.step_builder import compile_train_step
+    from simcse_jax.train_step import init_train_state, make_train_step
     from simcse_jax.xla_options import compiler_options
 
     cfg = EncoderConfig(compute_dtype=args.dtype, **bert_config_kwargs(args.tiny))
