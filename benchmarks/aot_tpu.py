@@ -1,4 +1,4 @@
-"""Pod readiness without a pod, as JSON lines: `simcse-jax plan` (simcse_jax/plan.py) for unsup
+"""Pod readiness without a pod, as JSON lines: `simcse-jax plan` (simcse_jax/planner/plan.py) for unsup
 BERT-base on a TPU topology, one `{"figure", "value", "unit", ...}` line per figure.
 
     # libtpu: the `plan` extra (pip install -e '.[plan]'), or the version the installed jax pins
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     tag = {"topology": args.topology, "mesh": args.mesh, "global_batch": args.global_batch, "seq": args.seq}
 
     from simcse_jax.config import TrainConfig
-    from simcse_jax.plan import make_plan
-    from simcse_jax.topology import TopologyError, devices_for
+    from simcse_jax.planner.plan import make_plan
+    from simcse_jax.planner.topology import TopologyError, devices_for
 
     mesh = {name.strip(): int(size) for name, _, size in (part.partition("=") for part in args.mesh.split(","))}
     config = TrainConfig(model="bert-base-uncased", compute_dtype=args.dtype, train_file="data/wiki1m_for_simcse.txt",

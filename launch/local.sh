@@ -15,7 +15,7 @@
 #                                 # saying which process was lost and the last complete checkpoint step
 #   DRY_RUN=1 WORKDIR=/tmp/x bash launch/local.sh        # print the command only
 #
-# This is `simcse-jax launch-local` (simcse_jax/launch_local.py) with the trainer as its command;
+# This is `simcse-jax launch-local` (simcse_jax/studies/launch_local.py) with the trainer as its command;
 # child output is prefixed [p0], [p1], ...; the exit status is the first failing child's.
 set -euo pipefail
 

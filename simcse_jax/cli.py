@@ -22,10 +22,10 @@ COMMAND_MODULES = (
     "simcse_jax.hf_export",
     "simcse_jax.evaluate",
     "simcse_jax.sts_download",
-    "simcse_jax.sweep",
-    "simcse_jax.report",
-    "simcse_jax.launch_local",
-    "simcse_jax.plan",
+    "simcse_jax.studies.sweep",
+    "simcse_jax.studies.report",
+    "simcse_jax.studies.launch_local",
+    "simcse_jax.planner.plan",
 )
 
 

@@ -9,7 +9,7 @@ real folders. There the writer keeps every line in memory and *rewrites the whol
 metrics.jsonl with one PUT* at each flush (at most every `flush_every_s` seconds on `write`,
 and on `flush()` / `close()`): readers always see a complete file holding every line so far,
 and a crash loses at most the lines since the last flush. One object per flush was the other
-choice; it was rejected because every reader (report.py, `cat`, pandas) would then have to
+choice; it was rejected because every reader (studies/report.py, `cat`, pandas) would then have to
 list and join the pieces. The file stays small (one line per `log_every` steps: ~250 bytes, so
 10,000 lines are 2.5 MB per PUT). TensorBoard events are written by tensorboardX into a local
 temporary folder and each event file that grew is uploaded whole at each flush (tensorboardX

@@ -7,7 +7,7 @@ config's dropout rates, the MLM head with do_mlm), the optimizer for a schedule 
 (`train_step.make_train_step` with the config's objective, `on_nonfinite=skip` decided inside
 the step, and the dropout key folded in from the step counter) with the platform's compiler
 options. `train.py` restores or imports weights into that state and compiles the step for its
-data; `plan.py` compiles the same step for a topology it does not have, for the batch `abstract_batch` describes.
+data; `planner/plan.py` compiles the same step for a topology it does not have, for the batch `abstract_batch` describes.
 
 `compile_train_step` compiles ahead of time from abstract arguments; `StepMemory` is the
 compiled step's memory per device: the peak the trainer logs is the peak the planner reports.

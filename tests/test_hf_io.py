@@ -150,8 +150,9 @@ def test_train_plan_and_encode_resolve_every_kind_of_model_name_alike(kind, tiny
                                                                       tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from simcse_jax import cli, paths, plan, train
+    from simcse_jax import cli, paths, train
     from simcse_jax.hf_io import read_config
+    from simcse_jax.planner import plan
 
     if kind == "local":
         name, want = str(tiny_model_dir), tiny_model_dir
@@ -176,7 +177,8 @@ def test_train_plan_and_encode_resolve_every_kind_of_model_name_alike(kind, tiny
 
 
 def test_unknown_builtin_and_unreachable_hub_ids_are_refused_alike(tmp_path, monkeypatch, capsys):
-    from simcse_jax import cli, plan
+    from simcse_jax import cli
+    from simcse_jax.planner import plan
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = tmp_path / "in.txt"

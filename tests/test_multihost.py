@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from simcse_jax.config import TrainConfig
-from simcse_jax.launch_local import DEVICE_COUNT_FLAG, child_env, launch
+from simcse_jax.studies.launch_local import DEVICE_COUNT_FLAG, child_env, launch
 from simcse_jax.train import train
 
 REPO = Path(__file__).resolve().parents[1]

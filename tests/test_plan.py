@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from simcse_jax import train as train_lib
 from simcse_jax.config import TrainConfig
-from simcse_jax.hlo_collectives import collective_traffic, count_collectives
-from simcse_jax.plan import (
+from simcse_jax.planner.hlo_collectives import collective_traffic, count_collectives
+from simcse_jax.planner.plan import (
     Refused,
     build_step,
     compile_setup,
@@ -25,8 +25,8 @@ from simcse_jax.plan import (
     refused_bytes,
     search_max_batch,
 )
-from simcse_jax.roofline import CHIPS, ChipSpec, roofline
-from simcse_jax.topology import LIBTPU_ENV, TopologyError, devices_for, parse_topology
+from simcse_jax.planner.roofline import CHIPS, ChipSpec, roofline
+from simcse_jax.planner.topology import LIBTPU_ENV, TopologyError, devices_for, parse_topology
 
 
 def tiny(model_dir, tmp_path, **changes) -> TrainConfig:

@@ -12,8 +12,8 @@ from PIL import Image
 from simcse_jax import cli
 from simcse_jax.config import load_config
 from simcse_jax.errors import ConfigError
-from simcse_jax.report import PLOTS, collect, markdown_table, series, table_rows
-from simcse_jax.sweep import parse_grid, plan_sweep, run_name, scaled_learning_rate, shell_command
+from simcse_jax.studies.report import PLOTS, collect, markdown_table, series, table_rows
+from simcse_jax.studies.sweep import parse_grid, plan_sweep, run_name, scaled_learning_rate, shell_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_cpu.py")

@@ -90,6 +90,28 @@ def describe_exit(index: int, pid: int, code: int) -> str:
     return f"process {index} (pid {pid}) exited with status {code}"
 
 
+def _start_child(index: int, argv: list[str], *, num_processes: int, devices: int, port: int,
+                 isolate: str | os.PathLike | None) -> subprocess.Popen:
+    """Child `index` of the job; with `isolate`, in its own HOME, cache and working directory."""
+    env = child_env(dict(os.environ), process_id=index, num_processes=num_processes, devices=devices, port=port)
+    cwd = None
+    if isolate is not None:
+        cwd = Path(isolate).absolute() / f"p{index}"
+        cwd.mkdir(parents=True, exist_ok=True)
+        env.update(HOME=str(cwd), SIMCSE_JAX_CACHE=str(cwd / "cache"))
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    # Own session: a terminal's Ctrl-C reaches the children once, through the launcher's forwarding.
+    return subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _write_pids(pids_file: str | os.PathLike, pids: dict[str, int]) -> None:
+    """The launcher's and children's pids, written whole (a reader never sees half a file)."""
+    tmp = Path(pids_file).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"launcher": os.getpid(), **pids}) + "\n")
+    tmp.replace(pids_file)
+
+
 def launch(
     command: list[str],
     *,
@@ -122,18 +144,8 @@ def launch(
     program = [sys.executable, "-m", "simcse_jax.cli"] if program is None else list(program)
     port = port or free_port()
     lock = threading.Lock()
-    procs: list[subprocess.Popen] = []
-    for i in range(num_processes):
-        env = child_env(dict(os.environ), process_id=i, num_processes=num_processes, devices=devices_per_process, port=port)
-        cwd = None
-        if isolate is not None:
-            cwd = Path(isolate).absolute() / f"p{i}"
-            cwd.mkdir(parents=True, exist_ok=True)
-            env.update(HOME=str(cwd), SIMCSE_JAX_CACHE=str(cwd / "cache"))
-            env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        # Own session: a terminal's Ctrl-C reaches the children once, through the forwarding below.
-        procs.append(subprocess.Popen([*program, *command], env=env, cwd=cwd,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+    procs = [_start_child(i, [*program, *command], num_processes=num_processes, devices=devices_per_process, port=port,
+                          isolate=isolate) for i in range(num_processes)]
     pumps = [threading.Thread(target=_pump, args=(f"[p{i}]", p.stdout, out, lock), daemon=True) for i, p in enumerate(procs)]
     for t in pumps:
         t.start()
@@ -143,9 +155,7 @@ def launch(
                   f"127.0.0.1:{port}, pids {json.dumps(pids)}\n")
         out.flush()
     if pids_file is not None:
-        tmp = Path(pids_file).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"launcher": os.getpid(), **pids}) + "\n")
-        tmp.replace(pids_file)
+        _write_pids(pids_file, pids)
 
     def forward(signum, frame):
         for p in procs:

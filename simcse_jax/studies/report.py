@@ -34,7 +34,7 @@ import math
 from pathlib import Path
 
 from simcse_jax.errors import SimcseError, UsageError
-from simcse_jax.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN
+from simcse_jax.studies.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN
 
 PLOTS = ("stsb_dev_vs_batch.png", "throughput_vs_batch.png", "memory_vs_batch.png")
 DEV_KEY = "eval/STSBenchmark"

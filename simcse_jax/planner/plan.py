@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from simcse_jax.config import TrainConfig, load_config, validate
 from simcse_jax.errors import CheckpointError, SimcseError, UsageError
-from simcse_jax.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
-from simcse_jax.topology import devices_for, ensure_cpu_devices, parse_topology
+from simcse_jax.planner.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
+from simcse_jax.planner.topology import devices_for, ensure_cpu_devices, parse_topology
 
 if TYPE_CHECKING:  # jax-free at import: the CLI sets libtpu's environment before jax loads
     from simcse_jax.step_builder import StepMemory
@@ -212,8 +212,8 @@ def make_plan(config: TrainConfig, devices: list, *, layers: int | None = None, 
 def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *, limit: tuple[int | None, str],
              topology: str) -> dict:
     """The plan of one compiled step (see the module docstring) as a JSON-able dict."""
-    from simcse_jax.hlo_collectives import collective_traffic, count_collectives
     from simcse_jax.objective import num_chunks_for
+    from simcse_jax.planner.hlo_collectives import collective_traffic, count_collectives
     from simcse_jax.sharding import data_parallel_size
     from simcse_jax.train_step import objective_config
 
