@@ -19,13 +19,15 @@ from simcse_jax.planner.plan import (
     Refused,
     build_step,
     compile_setup,
+    format_max_batch,
     make_plan,
     memory_of,
     plan_max_batch,
     refused_bytes,
+    refused_plan,
     search_max_batch,
 )
-from simcse_jax.planner.roofline import CHIPS, ChipSpec, roofline
+from simcse_jax.planner.roofline import CHIPS, ChipSpec, roofline, step_model_flops
 from simcse_jax.planner.topology import LIBTPU_ENV, TopologyError, devices_for, parse_topology
 
 
@@ -100,6 +102,38 @@ def test_max_batch_fits_and_the_next_candidate_does_not(tiny_model_dir, tmp_path
     assert needed(best + step) == row["next_needed_bytes"]  # the search's probe is the plain compile's figure
 
 
+@pytest.mark.slow  # ~10 small compiles: 1-2 min on the 2-core CI machine
+def test_max_batch_searches_over_the_contrastive_loss(tiny_model_dir, tmp_path):
+    """--impls dense,ring: under a limit that the dense loss's B/n x B logits exceed at batch 4096,
+    the ring loss (linear in B) still fits 4096 while dense stops below it."""
+    config = tiny(tiny_model_dir, tmp_path, max_seq_length=8, grad_cache_chunk_size=64, contrastive_block_size=16)
+    devices = jax.devices()[:8]
+
+    def needed(impl, batch):
+        setup = build_step(config.replace(contrastive_impl=impl, global_batch_size=batch), devices, layers=1)
+        return memory_of(compile_setup(setup)[0]).needed_bytes
+
+    ring, dense = needed("ring", 4096), needed("dense", 4096)
+    assert ring < 0.9 * dense, (ring, dense)
+    limit = (ring + dense) // 2
+    rows = plan_max_batch(config.replace(global_batch_size=1024), devices, chunks=[64], limit=(limit, "test"), layers=1,
+                          max_batch=4096, impls=["dense", "ring"])
+    by_impl = {r["contrastive_impl"]: r for r in rows}
+    assert by_impl["ring"]["max_global_batch"] == 4096 and by_impl["ring"]["needed_bytes"] == ring
+    assert by_impl["dense"]["max_global_batch"] < 4096 and by_impl["dense"]["next_needed_bytes"] > limit
+    assert all(r["plans"][str(r["max_global_batch"])]["config"]["contrastive_impl"] == r["contrastive_impl"] for r in rows)
+    text = format_max_batch(rows, "test")
+    assert "ring" in text and "dense" in text
+
+
+def test_impls_outside_the_known_losses_are_refused_naming_the_flag(capsys):
+    from simcse_jax import cli
+
+    assert cli.main(["plan", "--config", "configs/demo_cpu.py", "--topology", "cpu:8", "--max-batch",
+                     "--memory-limit-gib", "1", "--impls", "dense,flash"]) == 2
+    assert "--impls dense,flash: 'flash' is not a contrastive loss; choose from dense, blockwise, ring" in capsys.readouterr().err
+
+
 def test_max_batch_search_brackets_on_the_grid_and_handles_refused_compiles():
     calls = []
 
@@ -159,6 +193,18 @@ def test_refused_compiles_report_what_they_wanted_and_the_search_interpolates_th
     assert best == 1024 and 1040 not in probes  # the cap is the answer; nothing above it was compiled
 
 
+def test_a_refused_plan_records_the_refusal_for_the_sweep(tmp_path):
+    """What `plan --json` writes when the TPU compiler refuses the step: no peak, what the compiler
+    said it wanted, the limit; studies/sweep.py reads it as "does not fit"."""
+    config = tiny(tmp_path, tmp_path, global_batch_size=131584, contrastive_impl="dense")
+    err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.28G of 15.75G hbm.")
+    record = refused_plan(config, "v5e:4x4", (CHIPS["v5e"].hbm_bytes, "v5e HBM (published)"), err, "does not fit: ...")
+    assert record["memory"] == {"fits": False, "peak_bytes": None, "needed_bytes": int(17.28 * 2**30),
+                                "limit_bytes": CHIPS["v5e"].hbm_bytes, "limit_source": "v5e HBM (published)"}
+    assert record["config"]["global_batch_size"] == 131584 and record["config"]["contrastive_impl"] == "dense"
+    assert record["topology"] == "v5e:4x4" and record["refused"] == "does not fit: ..." and record["roofline"] is None
+
+
 def test_xla_cost_analysis_counts_a_loop_body_once():
     """Why a gradient-cached plan's FLOPs are lower bounds: ten trips of a matmul cost one. If a
     jax release starts counting trips, this fails and the plan's note can go."""
@@ -173,6 +219,53 @@ def test_xla_cost_analysis_counts_a_loop_body_once():
     assert flops(lambda y: jax.lax.fori_loop(0, 10, lambda i, z: z @ x, y)) == pytest.approx(one, rel=1e-3)  # not 10x
 
 
+def _bert_shapes(folder: Path) -> Path:
+    """config.json of a random BERT whose matmuls dominate (a small vocabulary: its Adam update
+    would otherwise weigh like the encoder); the planner needs the shapes only."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 1000, "hidden_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512, "max_position_embeddings": 64,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0}))
+    return folder
+
+
+def test_model_flops_match_xla_without_loops_and_count_what_xla_misses_in_them(tmp_path):
+    """The roofline's model-compute term: on a step without loops XLA's FLOPs (all chips) are the
+    model's matmuls plus a little elementwise work; with gradient caching and the ring loss XLA
+    counts each loop body once and falls far below what the step must compute."""
+    config = tiny(_bert_shapes(tmp_path / "bert"), tmp_path, max_seq_length=32, global_batch_size=64, cpu_onednn=False)
+    devices = jax.devices()[:8]
+    plain = make_plan(config, devices, topology="cpu:8")
+    model, xla = plain["model_flops"], plain["flops"] * len(devices)
+    assert model["total"] <= xla <= 1.25 * model["total"], (xla, model)
+    looped = make_plan(config.replace(grad_cache_chunk_size=16, contrastive_impl="ring", contrastive_block_size=8),
+                       devices, topology="cpu:8")
+    assert looped["grad_cache_chunks"] > 1
+    # One more encoder pass (gradient caching's first), one more logits pass (the ring's recompute).
+    assert looped["model_flops"]["encoder"] == pytest.approx(4 / 3 * model["encoder"])
+    assert looped["model_flops"]["contrastive"] == pytest.approx(4 / 3 * model["contrastive"])
+    assert looped["flops"] * len(devices) < 0.5 * looped["model_flops"]["total"]
+
+
+def test_model_flops_by_hand():
+    # BERT-base shapes, batch 1024 sentence pairs of 32 tokens, dense loss, no caching, the MLP pooler.
+    f = step_model_flops(layers=12, hidden=768, intermediate=3072, vocab=30522, seq_len=32, global_batch=1024,
+                         num_sent=2, grad_cache=False, contrastive_impl="dense", do_mlm=False, pooler_mlp=True)
+    per_token_forward = 12 * (8 * 768**2 + 4 * 768 * 3072 + 4 * 32 * 768)  # 2 FLOPs per multiply-add
+    assert f["encoder"] == 3 * 1024 * 2 * 32 * per_token_forward
+    assert f["contrastive"] == 3 * 2 * 1024 * 1024 * 768
+    assert f["total"] == f["encoder"] + f["pooler"] + f["contrastive"]
+    # A million-sentence ring batch: the logits grow with B^2 (and the ring recomputes them), the
+    # encoder with B (and gradient caching's first pass).
+    big = step_model_flops(layers=12, hidden=768, intermediate=3072, vocab=30522, seq_len=32, global_batch=1 << 20,
+                           num_sent=2, grad_cache=True, contrastive_impl="ring", do_mlm=False, pooler_mlp=True)
+    assert big["contrastive"] == f["contrastive"] * 1024**2 * 4 / 3
+    assert big["encoder"] == f["encoder"] * 1024 * 4 / 3
+
+
 def test_roofline_by_hand():
     chip = ChipSpec("test", "test chip", hbm_bytes=16 * 2**30, peak_flops_per_s=1e14, hbm_bytes_per_s=1e12,
                     ici_bytes_per_s=1e11)
@@ -184,6 +277,9 @@ def test_roofline_by_hand():
     assert r.sentences_per_s(512) == pytest.approx(512 / 8e-3)
     r = roofline(flops=5e11, hbm_bytes=1e9, ici_bytes=9e8, chip=chip)  # ICI 9 ms
     assert r.bound == "ICI" and r.step_s == pytest.approx(9e-3)
+    # The model's FLOPs (12e11: 12 ms) count where XLA's loop-counted FLOPs (5 ms) do not.
+    r = roofline(flops=5e11, hbm_bytes=8e9, ici_bytes=2e8, chip=chip, model_flops=12e11)
+    assert r.bound == "model compute" and r.step_s == pytest.approx(12e-3) and r.mfu_bound == 1.0
     assert CHIPS["v5e"].peak_flops_per_s == 197e12 and CHIPS["v5e"].device_kind == "TPU v5 lite"
 
 

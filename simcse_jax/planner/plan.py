@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simcse_jax.config import TrainConfig, load_config, validate
+from simcse_jax.config import CONTRASTIVE_IMPLS, TrainConfig, load_config, validate
 from simcse_jax.errors import CheckpointError, SimcseError, UsageError
-from simcse_jax.planner.roofline import GIB, ChipSpec, chip_by_device_kind, roofline
+from simcse_jax.planner.roofline import GIB, ChipSpec, chip_by_device_kind, roofline, step_model_flops
 from simcse_jax.planner.topology import devices_for, ensure_cpu_devices, parse_topology
 
 if TYPE_CHECKING:  # jax-free at import: the CLI sets libtpu's environment before jax loads
@@ -60,6 +60,11 @@ BUILTIN_MODELS: dict[str, dict] = {
                           num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
                           type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, hidden_act="gelu"),
 }
+
+
+# The settings a plan records beside its figures.
+PLAN_CONFIG_KEYS = ("model", "compute_dtype", "global_batch_size", "max_seq_length", "grad_cache_chunk_size", "do_mlm",
+                    "mesh_data", "mesh_fsdp", "mesh_tensor", "contrastive_impl", "contrastive_block_size")
 
 
 class PlanError(SimcseError, RuntimeError):
@@ -214,6 +219,7 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
     """The plan of one compiled step (see the module docstring) as a JSON-able dict."""
     from simcse_jax.objective import num_chunks_for
     from simcse_jax.planner.hlo_collectives import collective_traffic, count_collectives
+    from simcse_jax.poolers import spec as pooler_spec
     from simcse_jax.sharding import data_parallel_size
     from simcse_jax.train_step import objective_config
 
@@ -228,8 +234,7 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
     dp = data_parallel_size(setup.mesh)
     enc = setup.encoder_config
     plan = {
-        "config": {k: getattr(config, k) for k in ("model", "compute_dtype", "global_batch_size", "max_seq_length",
-                                                   "grad_cache_chunk_size", "do_mlm", "mesh_data", "mesh_fsdp", "mesh_tensor")},
+        "config": {k: getattr(config, k) for k in PLAN_CONFIG_KEYS},
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(setup.mesh.shape), "data_parallel": dp, "per_shard_batch": config.global_batch_size // dp,
         "num_sent": setup.num_sent, "layers": enc.num_hidden_layers, "hidden_size": enc.hidden_size,
@@ -247,10 +252,18 @@ def describe(config: TrainConfig, setup: StepSetup, compiled, seconds: float, *,
         "collectives": {**count_collectives(text), **traffic},
         "roofline": None,
     }
+    plan["model_flops"] = step_model_flops(
+        layers=enc.num_hidden_layers, hidden=enc.hidden_size, intermediate=enc.intermediate_size, vocab=enc.vocab_size,
+        seq_len=config.max_seq_length, global_batch=config.global_batch_size, num_sent=setup.num_sent,
+        grad_cache=plan["grad_cache_chunks"] > 1, contrastive_impl=config.contrastive_impl, do_mlm=config.do_mlm,
+        pooler_mlp=pooler_spec(config.pooler).mlp)
     if chip is not None:
-        r = roofline(plan["flops"], plan["hbm_bytes_accessed"], traffic["total_sent_bytes"], chip)
-        plan["roofline"] = {"chip": dataclasses.asdict(chip), "compute_s": r.compute_s, "hbm_s": r.hbm_s, "ici_s": r.ici_s,
-                            "step_s": r.step_s, "bound": r.bound,
+        model_flops_per_chip = plan["model_flops"]["total"] / len(devices)
+        r = roofline(plan["flops"], plan["hbm_bytes_accessed"], traffic["total_sent_bytes"], chip, model_flops_per_chip)
+        plan["roofline"] = {"chip": dataclasses.asdict(chip), "compute_s": r.compute_s, "model_compute_s": r.model_compute_s,
+                            "hbm_s": r.hbm_s, "ici_s": r.ici_s, "step_s": r.step_s, "bound": r.bound,
+                            # With loops in the program XLA's HBM bytes are a fraction of the traffic,
+                            # so the step may be further from compute-bound than this says.
                             "mfu_bound": None if plan["grad_cache_chunks"] > 1 else r.mfu_bound,
                             "sentences_per_s": r.sentences_per_s(config.global_batch_size)}
     return plan
@@ -302,14 +315,17 @@ def format_plan(plan: dict) -> str:
     if r is None:
         lines += ["", f"roofline: no published figures for {plan['device_kind']} (TPU topologies only)"]
     else:
-        lines += ["", "roofline (step >= max of the three terms; each at the chip's peak, perfectly overlapped)",
+        mf = plan["model_flops"]
+        lines += ["", "roofline (step >= max of the terms; each at the chip's peak, perfectly overlapped)",
                   f"  compute {r['compute_s'] * 1e3:8.3f} ms   HBM {r['hbm_s'] * 1e3:8.3f} ms   ICI {r['ici_s'] * 1e3:8.3f} ms",
+                  f"  model compute {r['model_compute_s'] * 1e3:8.3f} ms: the model's matmuls, {mf['total']:.3e} FLOPs "
+                  f"over all chips (encoder {mf['encoder']:.2e}, contrastive logits {mf['contrastive']:.2e})",
                   f"  step >= {r['step_s'] * 1e3:.3f} ms ({r['bound']}-bound): <= {r['sentences_per_s']:,.0f} sentences/s"
                   + (f", MFU <= {100 * r['mfu_bound']:.0f} %" if r["mfu_bound"] is not None else "")]
         if chunks > 1:
             lines.append(f"  note: XLA's cost analysis counts a loop body once and gradient caching loops over {chunks} "
-                         f"chunks: FLOPs, HBM bytes and their terms are lower bounds, so the step bound holds but is "
-                         f"loose, and no MFU bound is given")
+                         f"chunks: its FLOPs and HBM bytes are lower bounds; the model compute term counts every chunk, "
+                         f"and no MFU bound is given (the HBM traffic is unknown)")
     return "\n".join(lines)
 
 
@@ -382,63 +398,75 @@ def search_max_batch(needed_bytes, step: int, limit: int, start: int, *, max_bat
 
 
 def plan_max_batch(config: TrainConfig, devices: list, *, chunks: list[int], limit: tuple[int, str], layers=None,
-                   num_sent=None, topology: str = "", max_batch: int = 1 << 20, log=None) -> list[dict]:
-    """One row per gradient-caching choice (0 = off, else the chunk size): the largest batch
-    up to `max_batch` that fits `limit` (bytes per chip, where it comes from), verified by
-    compiles at B and B + step, the search starting at the config's global batch; `plans` holds
-    the full plan of every probe that compiled."""
+                   num_sent=None, topology: str = "", max_batch: int = 1 << 20, impls: list[str] | None = None,
+                   log=None) -> list[dict]:
+    """One row per contrastive loss (`impls`, default the config's) and gradient-caching choice
+    (0 = off, else the chunk size): the largest batch up to `max_batch` that fits `limit` (bytes
+    per chip, where it comes from), verified by compiles at B and B + step, the search starting
+    at the config's global batch; `plans` holds the full plan of every probe that compiled."""
     from simcse_jax.sharding import data_parallel_size, make_mesh
 
     dp = data_parallel_size(make_mesh({"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor},
                                       devices=devices))
     rows = []
-    for chunk in chunks:
-        step = dp if chunk == 0 else chunk
-        if chunk % dp:
-            rows.append({"grad_cache_chunk_size": chunk,
-                         "error": f"chunk {chunk} is not a multiple of the data-parallel size {dp}"})
-            continue
-        seconds: list[float] = []
-        plans: dict[int, dict] = {}
-
-        def needed(b, chunk=chunk, seconds=seconds, plans=plans):
-            cfg = config.replace(global_batch_size=b, grad_cache_chunk_size=chunk)
-            try:
-                setup = build_step(cfg, devices, layers=layers, num_sent=num_sent)
-                t0 = time.perf_counter()
-                compiled, _ = compile_setup(setup)
-                seconds.append(time.perf_counter() - t0)
-                plans[b] = describe(cfg, setup, compiled, seconds[-1], limit=limit, topology=topology)
-                return plans[b]["memory"]["needed_bytes"]
-            except Exception as e:
-                if is_out_of_memory(e):
-                    wanted = refused_bytes(e)
-                    if wanted is not None and "HLO temporaries" in str(e):  # + what the arguments hold
-                        wanted += setup.param_bytes + setup.opt_state_bytes + setup.batch_bytes
-                    return None if wanted is None else Refused(wanted)
-                raise PlanError(f"batch {b}, chunk {chunk}: compile failed ({type(e).__name__}: {str(e)[:500]})") from e
-
-        if log:
-            what = "no gradient caching" if chunk == 0 else f"gradient caching, chunk {chunk}"
-            log(f"max batch, {what} (candidates: multiples of {step}):")
-        best, probes = search_max_batch(needed, step, limit[0], max(config.global_batch_size, step), max_batch=max_batch, log=log)
-        rows.append({"grad_cache_chunk_size": chunk, "step": step, "max_global_batch": best,
-                     "needed_bytes": None if best is None else probes[best],
-                     "next_batch": None if best is None else best + step,
-                     "next_needed_bytes": None if best is None or isinstance(probes.get(best + step), Refused) else probes.get(best + step),
-                     "limit_bytes": limit[0],
-                     "probes": {str(k): None if isinstance(v, Refused) else v for k, v in sorted(probes.items())},
-                     "refused_wanted_bytes": {str(k): int(v) for k, v in sorted(probes.items()) if isinstance(v, Refused)},
-                     "compile_seconds": round(sum(seconds), 1), "plans": {str(k): v for k, v in sorted(plans.items())}})
+    for impl in impls or [config.contrastive_impl]:
+        for chunk in chunks:
+            row = _max_batch_row(config.replace(contrastive_impl=impl, grad_cache_chunk_size=chunk), devices, dp,
+                                 limit=limit, layers=layers, num_sent=num_sent, topology=topology, max_batch=max_batch,
+                                 log=log)
+            rows.append({"contrastive_impl": impl, **row})
     return rows
 
 
+def _max_batch_row(config: TrainConfig, devices: list, dp: int, *, limit: tuple[int, str], layers, num_sent,
+                   topology: str, max_batch: int, log) -> dict:
+    """The search of `plan_max_batch` for one loss and one gradient-caching choice."""
+    chunk = config.grad_cache_chunk_size
+    step = dp if chunk == 0 else chunk
+    if chunk % dp:
+        return {"grad_cache_chunk_size": chunk, "error": f"chunk {chunk} is not a multiple of the data-parallel size {dp}"}
+    seconds: list[float] = []
+    plans: dict[int, dict] = {}
+
+    def needed(b):
+        cfg = config.replace(global_batch_size=b)
+        try:
+            setup = build_step(cfg, devices, layers=layers, num_sent=num_sent)
+            t0 = time.perf_counter()
+            compiled, _ = compile_setup(setup)
+            seconds.append(time.perf_counter() - t0)
+            plans[b] = describe(cfg, setup, compiled, seconds[-1], limit=limit, topology=topology)
+            return plans[b]["memory"]["needed_bytes"]
+        except Exception as e:
+            if is_out_of_memory(e):
+                wanted = refused_bytes(e)
+                if wanted is not None and "HLO temporaries" in str(e):  # + what the arguments hold
+                    wanted += setup.param_bytes + setup.opt_state_bytes + setup.batch_bytes
+                return None if wanted is None else Refused(wanted)
+            raise PlanError(f"batch {b}, chunk {chunk}, {config.contrastive_impl} loss: compile failed "
+                            f"({type(e).__name__}: {str(e)[:500]})") from e
+
+    if log:
+        what = "no gradient caching" if chunk == 0 else f"gradient caching, chunk {chunk}"
+        log(f"max batch, {config.contrastive_impl} loss, {what} (candidates: multiples of {step}):")
+    best, probes = search_max_batch(needed, step, limit[0], max(config.global_batch_size, step), max_batch=max_batch, log=log)
+    return {"grad_cache_chunk_size": chunk, "step": step, "max_global_batch": best,
+                 "needed_bytes": None if best is None else probes[best],
+                 "next_batch": None if best is None else best + step,
+                 "next_needed_bytes": None if best is None or isinstance(probes.get(best + step), Refused) else probes.get(best + step),
+                 "limit_bytes": limit[0],
+                 "probes": {str(k): None if isinstance(v, Refused) else v for k, v in sorted(probes.items())},
+                 "refused_wanted_bytes": {str(k): int(v) for k, v in sorted(probes.items()) if isinstance(v, Refused)},
+                 "compile_seconds": round(sum(seconds), 1), "plans": {str(k): v for k, v in sorted(plans.items())}}
+
+
 def format_max_batch(rows: list[dict], limit_source: str) -> str:
-    lines = [f"largest global batch per gradient-caching choice (limit: {limit_source})",
-             "  grad cache chunk   max batch   needed MiB   next batch   next needed MiB   compiles"]
+    lines = [f"largest global batch per contrastive loss and gradient-caching choice (limit: {limit_source})",
+             "  loss        grad cache chunk   max batch   needed MiB   next batch   next needed MiB   compiles"]
     for r in rows:
+        impl = r.get("contrastive_impl", "?")
         if "error" in r:
-            lines.append(f"  {r['grad_cache_chunk_size']:>16}   {r['error']}")
+            lines.append(f"  {impl:<10}  {r['grad_cache_chunk_size']:>16}   {r['error']}")
             continue
         chunk = "off" if r["grad_cache_chunk_size"] == 0 else str(r["grad_cache_chunk_size"])
         nb = str(r["next_batch"])
@@ -450,7 +478,7 @@ def format_max_batch(rows: list[dict], limit_source: str) -> str:
             nxt = "OOM"
         else:
             nxt = "not tried (upto)"
-        lines.append(f"  {chunk:>16}   {str(r['max_global_batch'] or 'none'):>9}   {_mib(r['needed_bytes']):>10}   "
+        lines.append(f"  {impl:<10}  {chunk:>16}   {str(r['max_global_batch'] or 'none'):>9}   {_mib(r['needed_bytes']):>10}   "
                      f"{str(r['next_batch'] or '–'):>10}   {nxt:>15}   {len(r['probes']):>8}")
     return "\n".join(lines)
 
@@ -473,6 +501,9 @@ def add_parser(subparsers) -> None:
                         "at the config's global_batch_size, so a known bracket costs few compiles")
     p.add_argument("--chunks", default="0", metavar="C1,C2,...",
                    help="with --max-batch: gradient-caching chunk sizes to search, 0 = no caching (default: 0), e.g. 0,1024")
+    p.add_argument("--impls", default=None, metavar="I1,I2,...",
+                   help="with --max-batch: contrastive losses to search (dense, blockwise, ring; default: the config's "
+                        "contrastive_impl), e.g. dense,ring")
     p.add_argument("--libtpu-path", default=None,
                    help="folder holding the libtpu package (else $SIMCSE_LIBTPU_PATH, else the installed `plan` extra)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (and max-batch rows) as JSON")
@@ -503,8 +534,12 @@ def run(args: argparse.Namespace) -> int:
             chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
         except ValueError:
             raise UsageError(f"--chunks {args.chunks!r}: expected sizes like 0,512 (0 = no gradient caching)") from None
+        impls = None if args.impls is None else [i.strip() for i in args.impls.split(",") if i.strip()]
+        for impl in impls or []:
+            if impl not in CONTRASTIVE_IMPLS:
+                raise UsageError(f"--impls {args.impls}: {impl!r} is not a contrastive loss; choose from {', '.join(CONTRASTIVE_IMPLS)}")
         rows = plan_max_batch(config, devices, chunks=chunks, limit=limit, layers=args.layers, num_sent=args.num_sent,
-                              topology=canonical, max_batch=args.max_batch_upto,
+                              topology=canonical, max_batch=args.max_batch_upto, impls=impls,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
         for row in rows:  # the full table at each answer, from the compile that verified it
             if row.get("max_global_batch"):
@@ -519,11 +554,29 @@ def run(args: argparse.Namespace) -> int:
             if not is_out_of_memory(e):
                 raise
             # XLA:TPU refuses a program larger than HBM at compile time: that is the answer.
-            print(f"does not fit: the compiler for {canonical} ran out of memory at global batch "
-                  f"{config.global_batch_size}:\n{str(e)[:1500]}\n(--max-batch finds the largest batch that fits)")
+            message = (f"does not fit: the compiler for {canonical} ran out of memory at global batch "
+                       f"{config.global_batch_size}:\n{str(e)[:1500]}\n(--max-batch finds the largest batch that fits)")
+            print(message)
+            if args.json:  # a sweep's record of the refusal (studies/sweep.py reads it as "does not fit")
+                _write_json(args.json, refused_plan(config, canonical, limit, e, message))
             return 1
         print(format_plan(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(args.json, result)
     return 0
+
+
+def refused_plan(config: TrainConfig, topology: str, limit: tuple[int | None, str], error: BaseException,
+                 message: str) -> dict:
+    """The plan of a step the compiler refused for lack of memory: no peak (nothing was compiled),
+    what the compiler said it needed when it said so, and the limit it was held to."""
+    wanted = refused_bytes(error)
+    return {"config": {k: getattr(config, k) for k in PLAN_CONFIG_KEYS}, "topology": topology,
+            "memory": {"fits": False, "peak_bytes": None, "needed_bytes": wanted, "limit_bytes": limit[0],
+                       "limit_source": limit[1]},
+            "refused": message, "roofline": None}
+
+
+def _write_json(path: str, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")

@@ -17,6 +17,13 @@ are slower (latency of small ops, imperfect overlap, collectives not spread over
 sentences/s = global batch / step is an upper bound, and so is the MFU it implies:
 MFU <= compute / step (1.0 exactly when the step is compute-bound).
 
+A second compute term counts what the step must compute whatever XLA reports: the model's matmul
+FLOPs from its shapes (`step_model_flops`: encoder passes, pooler MLP, MLM head, the contrastive
+logits). It matters where the compiled program loops: XLA's cost analysis counts a loop body once,
+so a gradient-cached step (a loop over chunks) or a blockwise/ring loss (loops over key blocks)
+reports a fraction of its work. The model count does not: the step's bound is the larger of the two
+compute terms, the HBM term and the ICI term.
+
 The inputs are XLA's own estimates, so the bound is only as tight as they are: `flops` counts
 the program's operations (the model's matmuls plus everything else XLA runs), and `hbm_bytes`
 is the cost analysis' "bytes accessed", the operands and outputs of every top-level fusion at
@@ -64,33 +71,63 @@ def chip_by_device_kind(device_kind: str) -> ChipSpec | None:
 
 @dataclasses.dataclass(frozen=True)
 class Roofline:
-    compute_s: float
+    compute_s: float  # XLA's FLOPs at peak
     hbm_s: float
     ici_s: float
+    model_compute_s: float = 0.0  # the model's matmul FLOPs at peak (`step_model_flops`)
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.hbm_s, self.ici_s)
+        return max(self.compute_s, self.model_compute_s, self.hbm_s, self.ici_s)
 
     @property
     def bound(self) -> str:
-        """Which term sets the step time: "compute", "HBM" or "ICI"."""
-        terms = {"compute": self.compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
+        """Which term sets the step time: "compute", "model compute", "HBM" or "ICI"."""
+        terms = {"compute": self.compute_s, "model compute": self.model_compute_s, "HBM": self.hbm_s, "ICI": self.ici_s}
         return max(terms, key=terms.get)
 
     @property
     def mfu_bound(self) -> float:
         """The highest model-FLOPs utilisation the step can reach: compute time / step time."""
-        return self.compute_s / self.step_s if self.step_s > 0 else 0.0
+        compute = max(self.compute_s, self.model_compute_s)
+        return compute / self.step_s if self.step_s > 0 else 0.0
 
     def sentences_per_s(self, global_batch: int) -> float:
         return global_batch / self.step_s if self.step_s > 0 else float("inf")
 
 
-def roofline(flops: float, hbm_bytes: float, ici_bytes: float, chip: ChipSpec) -> Roofline:
-    """The three terms for one chip's share of a step (see the module docstring)."""
+def roofline(flops: float, hbm_bytes: float, ici_bytes: float, chip: ChipSpec, model_flops: float = 0.0) -> Roofline:
+    """The terms for one chip's share of a step (see the module docstring)."""
     return Roofline(
         compute_s=flops / chip.peak_flops_per_s,
         hbm_s=hbm_bytes / chip.hbm_bytes_per_s,
         ici_s=ici_bytes / chip.ici_bytes_per_s,
+        model_compute_s=model_flops / chip.peak_flops_per_s,
     )
+
+
+def step_model_flops(*, layers: int, hidden: int, intermediate: int, vocab: int, seq_len: int, global_batch: int,
+                     num_sent: int, grad_cache: bool, contrastive_impl: str, do_mlm: bool, pooler_mlp: bool) -> dict[str, float]:
+    """The matmul FLOPs one update step must do, summed over all chips, from the shapes alone.
+
+    Per token and layer a forward costs 8 H^2 (Q, K, V, output projections) + 4 H I (the MLP)
+    + 4 S H (scores and their weighted sum), at 2 FLOPs per multiply-add. A training pass is 3
+    forwards (forward, then the two matmuls of each backward); gradient caching adds the first,
+    gradient-free pass over every chunk (4). MLM (3 passes) runs the encoder again over the masked copy, plus
+    the LM head (H^2 transform, H x vocab decoder) on every token. The pooler MLP (poolers with one) is
+    2 H^2 per sentence per forward. The contrastive logits are B x B(num_sent - 1) dot products of length H:
+    dense does them 3 times (forward, two gradients); blockwise and ring 4 (the backward recomputes
+    each block from the saved log-sum-exp). Embedding lookups, norms and softmaxes are left out:
+    this is a lower bound on the work, not an estimate of it.
+    """
+    passes = 4 if grad_cache else 3
+    tokens = global_batch * num_sent * seq_len
+    per_token = layers * (8 * hidden**2 + 4 * hidden * intermediate + 4 * seq_len * hidden)
+    encoder = passes * tokens * per_token
+    pooler = passes * global_batch * num_sent * 2 * hidden**2 if pooler_mlp else 0.0
+    # MLM needs no cross-batch statistic, so a gradient-cached step can skip it in the first pass.
+    mlm = 3 * tokens * (per_token + 2 * hidden**2 + 2 * hidden * vocab) if do_mlm else 0.0
+    logits = 2.0 * global_batch * global_batch * (num_sent - 1) * hidden
+    loss = logits * (3 if contrastive_impl == "dense" else 4)
+    return {"encoder": float(encoder), "pooler": float(pooler), "mlm": float(mlm), "contrastive": float(loss),
+            "total": float(encoder + pooler + mlm + loss)}
