@@ -106,7 +106,7 @@ def test_max_batch_fits_and_the_next_candidate_does_not(tiny_model_dir, tmp_path
 def test_max_batch_searches_over_the_contrastive_loss(tiny_model_dir, tmp_path):
     """--impls dense,ring: under a limit that the dense loss's B/n x B logits exceed at batch 4096,
     the ring loss (linear in B) still fits 4096 while dense stops below it."""
-    config = tiny(tiny_model_dir, tmp_path, max_seq_length=8, grad_cache_chunk_size=64, contrastive_block_size=16)
+    config = tiny(tiny_model_dir, tmp_path, max_seq_length=8, grad_cache_chunk_size=512, contrastive_block_size=16)
     devices = jax.devices()[:8]
 
     def needed(impl, batch):
@@ -116,7 +116,7 @@ def test_max_batch_searches_over_the_contrastive_loss(tiny_model_dir, tmp_path):
     ring, dense = needed("ring", 4096), needed("dense", 4096)
     assert ring < 0.9 * dense, (ring, dense)
     limit = (ring + dense) // 2
-    rows = plan_max_batch(config.replace(global_batch_size=1024), devices, chunks=[64], limit=(limit, "test"), layers=1,
+    rows = plan_max_batch(config.replace(global_batch_size=2048), devices, chunks=[512], limit=(limit, "test"), layers=1,
                           max_batch=4096, impls=["dense", "ring"])
     by_impl = {r["contrastive_impl"]: r for r in rows}
     assert by_impl["ring"]["max_global_batch"] == 4096 and by_impl["ring"]["needed_bytes"] == ring
