@@ -263,3 +263,20 @@ def test_sigkill_of_one_process_stops_the_other_in_bounded_time_and_the_rerun_re
     losses = step_losses(tmp_path)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert_close(losses, one_process, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_the_ring_loss_across_two_hosts_gives_the_dense_losses_of_one(config, config_file, compile_cache, tmp_path):
+    """Key blocks travel around a ring that crosses the process boundary (ppermute over gloo), with
+    gradient caching on: the 2-process ring run logs the losses of a 1-process dense run with the
+    same chunks (chunking changes the dropout masks, so the reference caches gradients too)."""
+    dense = tmp_path / "dense_one_process"
+    assert train(config.replace(grad_cache_chunk_size=8), dense, progress=False)["status"] == "completed"
+    overrides = ("--set", "contrastive_impl=ring", "--set", "contrastive_block_size=1", "--set", "grad_cache_chunk_size=8")
+    ring = tmp_path / "ring_two_processes"
+    res = run_launcher(config_file, ring, compile_cache, *overrides)
+    assert res.returncode == 0, res.stdout[-5000:]
+    assert json.loads((ring / "config.json").read_text())["contrastive_impl"] == "ring"
+    losses = step_losses(ring)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_close(losses, step_losses(dense), range(1, STEPS + 1))
