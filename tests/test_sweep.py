@@ -466,3 +466,72 @@ def test_small_real_sweep_trains_resumes_and_reports(tiny_model_dir, train_sampl
         assert rows[batch]["dev_curve"][-1][0] == 2
     for name in PLOTS:
         check_png(sweep / "report" / name)
+
+
+@pytest.mark.slow
+def test_study_past_the_dense_limit_trains_ring_where_the_planner_refuses_dense(tiny_model_dir, train_samples_dir,
+                                                                               tmp_path, capsys, monkeypatch):
+    """Issue 21's scaling study through the CLI: `sweep --plan` over global batch x loss with a
+    per-device limit that dense at the largest batch exceeds and ring there fits, then `sweep`
+    trains every run but that one (skipped as refused, exit 0), then `report`."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # the runs' devices (see above)
+    train_file = train_samples_dir / "wiki1m_for_simcse.head11914.txt"
+    batches, steps = (256, 2048), 2
+    with train_file.open() as f:
+        assert sum(1 for _ in f) >= batches[-1] * steps  # every step of the largest run reads new sentences
+    # 0.04 GiB = 41 MiB per device. Measured on cpu:2 (needed_bytes, MiB): ~28 for both losses at
+    # 256 and for ring at 2048 (the parameters and Adam state), ~49 for dense at 2048 (its
+    # [1024, 2048] fp32 logits and their gradient on each device); the limit sits between, which
+    # the assertions below check from the plans rather than trusting these numbers.
+    limit_gib = 0.04
+    sweep = tmp_path / "sweep"
+    argv = ["sweep", "--config", DEMO, "--workdir", str(sweep), "--grid", f"global_batch_size={','.join(map(str, batches))}",
+            "--grid", "contrastive_impl=dense,ring",
+            # Gradient caching in chunks of 64 and ring blocks of 64 keys: the encoder's activations
+            # and ring's working set stop growing with the batch, so dense's logits are what grows.
+            "--set", f"model={tiny_model_dir}", "--set", "max_seq_length=16", "--set", "grad_cache_chunk_size=64",
+            "--set", "contrastive_block_size=64", "--set", f"train_file={train_file}",
+            "--set", f"data_cache_dir={tmp_path / 'cache'}", "--set", f"max_steps={steps}", "--set", "log_every=1",
+            "--set", "evaluators=", "--set", "do_test_eval=false", "--set", "do_export=false",
+            "--set", "async_checkpointing=false",
+            # Without oneDNN the plan's compiled step goes into the persistent cache and each run
+            # loads that very program instead of compiling it again (~10 s a run here).
+            "--set", "cpu_onednn=false"]
+
+    assert cli.main(argv + ["--plan", "--topology", "cpu:2", "--plan-args", f"--memory-limit-gib {limit_gib}"]) == 0
+    out = capsys.readouterr().out
+    plans = {(impl, b): json.loads((study_folder(sweep, b, impl) / "plan.json").read_text())["memory"]
+             for b in batches for impl in ("dense", "ring")}
+    limit = int(limit_gib * 2**30)
+    largest = batches[-1]
+    assert all(m["limit_bytes"] == limit for m in plans.values())
+    assert plans["dense", largest]["needed_bytes"] > limit >= plans["ring", largest]["needed_bytes"]
+    assert [key for key, m in plans.items() if not m["fits"]] == [("dense", largest)]
+    # dense grows with the batch, ring (almost) does not: 8x the batch adds > 5x more to dense's peak.
+    growth = {impl: plans[impl, largest]["peak_bytes"] - plans[impl, batches[0]]["peak_bytes"] for impl in ("dense", "ring")}
+    assert growth["dense"] > 5 * max(growth["ring"], 2**20)
+    assert "(1 does not fit: `sweep` without --plan will skip it)" in out
+
+    assert cli.main(argv) == 0, [p.joinpath("train.log").read_text()[-2000:] for p in sweep.glob("*/train.log")]
+    out = capsys.readouterr().out
+    assert out.count(": done in ") == 3 and "3/4 runs complete" in out
+    refused = study_folder(sweep, largest, "dense")
+    assert f"{refused.name} (lr 3e-05): skipped (refused by the planner: needs " in out
+    assert not (refused / "results.json").exists() and not (refused / "train.log").exists()
+    for (impl, batch), memory in plans.items():
+        if (impl, batch) == ("dense", largest):
+            continue
+        results = json.loads((study_folder(sweep, batch, impl) / "results.json").read_text())
+        assert results["status"] == "completed" and results["steps"] == steps and results["devices"] == 2
+        # The trainer ran the program the planner compiled: the same peak (results round to 0.1 MiB).
+        assert results["step_peak_memory_mib"] == pytest.approx(memory["peak_bytes"] / 2**20, abs=0.06)
+
+    assert cli.main(["report", str(sweep)]) == 0
+    rows = {(r["settings"]["contrastive_impl"], r["global_batch"]): r
+            for r in json.loads((sweep / "report" / "report.json").read_text())["runs"]}
+    assert rows["ring", largest]["status"] == "completed" and rows["ring", largest]["steps"] == steps
+    assert rows["ring", largest]["planner_fits"] is True and rows["ring", largest]["peak_memory_mib"] is not None
+    assert rows["dense", largest]["status"] == "not trained: refused by the planner"
+    assert rows["dense", largest]["planner_fits"] is False and rows["dense", largest]["steps"] is None
+    assert rows["dense", largest]["planned_peak_memory_mib"] > rows["dense", largest]["planned_limit_mib"] == limit / 2**20
+    check_png(sweep / "report" / "memory_vs_batch.png")

@@ -329,11 +329,17 @@ def _lines(ax, data: dict, ylabel: str, empty: str, fmt: str = ".1f", planned: d
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         return
+    colors: dict[str, str] = {}
     for label, points in data.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, "s--" if label.startswith("planned: ") else "o-", label=label)
-        for x, y in points:
-            ax.annotate(format(y, fmt), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        is_plan = label.startswith("planned: ")
+        # A series and its plan share a colour; the plan's open squares leave the measured dots
+        # visible where the two agree (the planner compiles the very program the trainer runs).
+        color = colors.setdefault(label.removeprefix("planned: "), f"C{len(colors) % 10}")
+        ax.plot(xs, ys, "s--" if is_plan else "o-", color=color, markerfacecolor="none" if is_plan else color, label=label)
+        for x, y in points:  # the plan's figures below its points, the measured ones above
+            ax.annotate(format(y, fmt), (x, y), textcoords="offset points", xytext=(0, -12 if is_plan else 6), ha="center",
+                        fontsize=8, color=color if is_plan else "black")
     _batch_axis(ax, [x for points in data.values() for x, _ in points])
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
@@ -442,7 +448,9 @@ def draw_memory(ax, records: list[RunRecord]) -> None:
         _batch_axis(ax, batches)  # again: a refused batch may have no other point
         ax.legend(fontsize=8)
     chunks = {r.grad_cache_chunk for r in records if r.peak_memory_mib is not None}
-    note = "" if not chunks or (any(chunks) and 0 in chunks) else (
+    # The hint only where gradient caching is the study's one question (not, e.g., dense vs ring).
+    other_question = _series_keys(records, ("grad_cache_chunk_size",)) != ["grad_cache_chunk_size"]
+    note = "" if not chunks or other_question or (any(chunks) and 0 in chunks) else (
         "\n(no grad-cache runs: add --grid grad_cache_chunk_size=0,N)" if not any(chunks) else "\n(no runs without grad cache)")
     ax.set_title("peak memory vs global batch" + note, fontsize=10)
 

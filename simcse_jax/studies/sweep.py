@@ -288,9 +288,9 @@ def plan_locally(config_spec: str, runs: list[Run], topology: str, *, extra: lis
                                 stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         # Exit 1 with a plan.json that says "does not fit" is the compiler refusing the program for
         # lack of memory (a TPU topology): an answer about the run, not a failure to plan it.
-        refused = rc == 1 and plan_file.is_file() and _says_does_not_fit(plan_file)
-        if (rc == 0 and plan_file.is_file()) or refused:
-            status[run.name] = "planned" if rc == 0 and not _says_does_not_fit(plan_file) else "planned: does not fit"
+        too_big = plan_file.is_file() and _says_does_not_fit(plan_file)
+        if plan_file.is_file() and (rc == 0 or (rc == 1 and too_big)):
+            status[run.name] = "planned: does not fit" if too_big else "planned"
             print(f"{head}: planned in {time.perf_counter() - t0:.0f} s, {_plan_summary(plan_file)}", file=out, flush=True)
         else:
             status[run.name] = f"failed (exit {rc})"
@@ -362,7 +362,8 @@ def add_parser(subparsers) -> None:
                    help="global batch the config's learning_rate is meant for (default: the config's global_batch_size)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field in every run (repeatable)")
-    p.add_argument("--emit-commands", action="store_true", help="print one shell command per run instead of training")
+    p.add_argument("--emit-commands", action="store_true",
+                   help="print one shell command per run instead of training (commented out where plan.json does not fit)")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: plan every run for --topology (simcse-jax plan) into <run>/plan.json")
     p.add_argument("--topology", default=None, help="with --plan: e.g. v5e:4x4, v5e-16, cpu:8")
@@ -397,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
         failed = [n for n, s in status.items() if s.startswith("failed")]
         too_big = sum(s == "planned: does not fit" for s in status.values())
         print(f"sweep --plan: {len(status) - len(failed)}/{len(status)} runs planned for {args.topology}"
-              + (f" ({too_big} do not fit: `sweep` without --plan will skip them)" if too_big else "")
+              + (f" ({too_big} {'does' if too_big == 1 else 'do'} not fit: `sweep` without --plan will skip "
+                 f"{'it' if too_big == 1 else 'them'})" if too_big else "")
               + f"; `simcse-jax report {args.workdir}` for the table", flush=True)
         return 1 if failed else 0
     # Every plan.json read now, before anything trains: an unreadable one stops the sweep here.
