@@ -12,8 +12,8 @@ from PIL import Image
 from simcse_jax import cli
 from simcse_jax.config import load_config
 from simcse_jax.errors import ConfigError
-from simcse_jax.studies.report import PLOTS, collect, markdown_table, series, table_rows
-from simcse_jax.studies.sweep import parse_grid, plan_sweep, run_name, scaled_learning_rate, shell_command
+from simcse_jax.studies.report import PLOTS, collect, draw_memory, markdown_table, refused_points, series, table_rows
+from simcse_jax.studies.sweep import parse_grid, plan_locally, plan_sweep, run_name, scaled_learning_rate, shell_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_cpu.py")
@@ -131,11 +131,12 @@ def test_cli_emits_commands_writes_the_plan_and_leaves_out_invalid_points(tmp_pa
 
 
 def write_run(folder: Path, *, batch, lr, chunk=0, devices=1, dev=None, heldout=None, sps=None, peak=None,
-              compile_s=None, steps=20, seed=42):
-    """A run folder as the trainer leaves it: config.json, results.json, metrics.jsonl."""
-    folder.mkdir(parents=True)
+              compile_s=None, steps=20, seed=42, settings=None):
+    """A run folder as the trainer leaves it: config.json (plus `settings`), results.json, metrics.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(
-        {"global_batch_size": batch, "learning_rate": lr, "grad_cache_chunk_size": chunk, "seed": seed, "max_steps": steps}))
+        {"global_batch_size": batch, "learning_rate": lr, "grad_cache_chunk_size": chunk, "seed": seed, "max_steps": steps,
+         **(settings or {})}))
     results = {"status": "completed", "steps": steps, "global_batch_size": batch, "devices": devices, "processes": 1,
                "mesh": {"data": devices, "fsdp": 1, "tensor": 1}, "train_seconds": 12.5, "best_step": None,
                "best_dev_stsb": None}
@@ -237,6 +238,195 @@ def test_report_without_sts_uses_heldout_statistics_and_several_device_counts(tm
     assert cli.main(["report", str(tmp_path / "nothing_here")]) == 2
 
 
+# ----------------------------------------------------------------------------- the planner's word
+
+MIB = 2**20
+LIMIT_041 = int(0.04 * 2**30)  # `--memory-limit-gib 0.04`, as plan.resolve_limit turns it into bytes
+
+
+def write_plan_json(folder: Path, *, batch, chunk=64, peak_mib=None, needed_mib=None, limit=LIMIT_041,
+                    source="--memory-limit-gib 0.04", topology="cpu:2", devices=2, refused=None):
+    """plan.json as `simcse-jax plan --json` writes it: with a peak (fits judged against `limit`),
+    or, with `refused`, the compiler's refusal (exit 1, no memory analysis: peak_bytes null)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    needed = None if needed_mib is None else int(needed_mib * MIB)
+    plan = {"config": {"global_batch_size": batch, "grad_cache_chunk_size": chunk}, "topology": topology,
+            "memory": {"peak_bytes": None if peak_mib is None else int(peak_mib * MIB), "needed_bytes": needed,
+                       "limit_bytes": limit, "limit_source": source,
+                       "fits": False if refused else (None if limit is None else needed <= limit)}}
+    if refused:
+        plan["refused"] = refused
+    else:
+        plan.update(devices=devices, roofline=None)
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return plan
+
+
+def study_folder(root: Path, batch: int, impl: str) -> Path:
+    return root / f"global_batch_size={batch},contrastive_impl={impl}"
+
+
+STUDY_GRID = ["--grid", "global_batch_size=256,2048", "--grid", "contrastive_impl=dense,ring"]
+
+
+def test_sweep_skips_what_the_planner_refused_and_comments_its_command(tmp_path, capsys):
+    """Local training leaves out a run whose plan.json does not fit (one line saying why and how to
+    train it anyway) and still exits 0; --emit-commands comments its line; either refusal format."""
+    sweep = tmp_path / "sw"
+    for batch, impl in ((256, "dense"), (256, "ring"), (2048, "ring")):  # trained already: nothing to train
+        write_run(study_folder(sweep, batch, impl), batch=batch, lr=3e-5, chunk=64, peak=28.0,
+                  settings={"contrastive_impl": impl})
+        write_plan_json(study_folder(sweep, batch, impl), batch=batch, peak_mib=28.3, needed_mib=28.3)
+    refused = study_folder(sweep, 2048, "dense")
+    write_plan_json(refused, batch=2048, peak_mib=49.1, needed_mib=49.1)
+    argv = ["sweep", "--config", DEMO, "--workdir", str(sweep), *STUDY_GRID, "--set", "grad_cache_chunk_size=64"]
+
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("already done") == 3 and out.count("refused by the planner: ") == 1
+    line = next(x for x in out.splitlines() if refused.name in x)
+    assert line.endswith(f": skipped (refused by the planner: needs 49.1 MiB per device > limit 41.0 MiB "
+                         f"(--memory-limit-gib 0.04); delete {refused / 'plan.json'} to train it anyway)")
+    assert "3/4 runs complete" in out and "1 refused by the planner (not trained)" in out
+    assert sorted(p.name for p in refused.iterdir()) == ["plan.json"]  # no train.log: nothing was started
+
+    assert cli.main(argv + ["--emit-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    commands = {r["name"]: r["command"] for r in json.loads((sweep / "sweep.json").read_text())["runs"]}
+    assert len(lines) == 4 and [x for x in lines if x.startswith("#")] == [
+        f"# refused by the planner (needs 49.1 MiB per device > limit 41.0 MiB (--memory-limit-gib 0.04)): {commands[refused.name]}"]
+    assert sorted(x for x in lines if not x.startswith("#")) == sorted(c for n, c in commands.items() if n != refused.name)
+
+    # The compiler's refusal on a TPU topology (plan exits 1): no peak, with or without what it wanted.
+    hbm = 16 * 2**30
+    write_plan_json(refused, batch=2048, needed_mib=17_695, limit=hbm, source="v5e HBM", topology="v5e:2x2",
+                    refused="does not fit: the compiler for v5e:2x2 ran out of memory at global batch 2048")
+    assert cli.main(argv) == 0
+    assert "(refused by the planner: needs 17,695.0 MiB per device > limit 16,384.0 MiB (v5e HBM); " in capsys.readouterr().out
+    write_plan_json(refused, batch=2048, limit=hbm, source="v5e HBM", topology="v5e:2x2", refused="does not fit: ...")
+    assert cli.main(argv) == 0
+    assert "(refused by the planner: the compiler ran out of memory (> limit 16,384.0 MiB (v5e HBM)); " in capsys.readouterr().out
+
+    # Deleting plan.json is what trains it anyway; a plan.json that is no plan stops the sweep before anything trains.
+    (refused / "plan.json").write_text('{"memory": {}}')
+    assert cli.main(argv) == 2
+    assert f"{refused / 'plan.json'}: not a `simcse-jax plan --json` file" in capsys.readouterr().err
+    assert not (refused / "train.log").exists()
+
+
+STAND_IN_PLAN = '''import json, sys
+from pathlib import Path
+
+args = sys.argv[1:]  # -m simcse_jax.cli plan --config C --topology T --json PATH --set KEY=VALUE ...
+path = Path(args[args.index("--json") + 1])
+batch = int(next(a.split("=", 1)[1] for a in args if a.startswith("global_batch_size=")))
+memory = {"peak_bytes": 1000 * batch, "needed_bytes": 1000 * batch, "limit_bytes": 2**30, "limit_source": "v5e HBM", "fits": True}
+if batch == 64:  # a plan that fails for another reason: exit 1, nothing written
+    sys.exit("Traceback ...: some bug")
+if batch == 32:  # the compiler's refusal, in the format plan.py writes for it
+    memory.update(peak_bytes=None, needed_bytes=None, fits=False)
+    path.write_text(json.dumps({"memory": memory, "refused": "does not fit: the compiler ran out of memory",
+                                "config": {"global_batch_size": batch}, "topology": "v5e:2x2"}))
+    print("does not fit: the compiler for v5e:2x2 ran out of memory at global batch 32")
+    sys.exit(1)
+path.write_text(json.dumps({"memory": memory, "config": {"global_batch_size": batch, "grad_cache_chunk_size": 0},
+                            "topology": "v5e:2x2", "devices": 4, "roofline": None}))
+'''
+
+
+def test_sweep_plan_counts_the_compilers_refusal_as_planned_not_failed(tmp_path):
+    """`plan` on a TPU topology exits 1 when the compiler refuses the program, writing plan.json with
+    fits false and no peak: that point is planned (does not fit); an exit 1 without one is a failure.
+    The compiler is not on this machine: a stand-in for `python -m simcse_jax.cli plan` answers as
+    plan.py does for each batch."""
+    import io
+    import os
+    import sys
+
+    (tmp_path / "plan_stand_in.py").write_text(STAND_IN_PLAN)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / "plan_stand_in.py"))} "$@"\n')
+    os.chmod(python, 0o755)
+    sweep = tmp_path / "sw"
+    runs = plan_sweep(DEMO, str(sweep), parse_grid(["global_batch_size=16,32,64"]))
+    out = io.StringIO()
+    status = plan_locally(DEMO, runs, "v5e:2x2", python=str(python), out=out)
+    assert status == {"global_batch_size=16": "planned", "global_batch_size=32": "planned: does not fit",
+                      "global_batch_size=64": "failed (exit 1)"}
+    assert "[2/3] global_batch_size=32: planned in " in out.getvalue()
+    assert "refused by the compiler, DOES NOT FIT (v5e HBM 1,024 MiB)" in out.getvalue()
+    assert "plan FAILED (exit 1): Traceback ...: some bug" in out.getvalue()
+    # Planned again: the refusal is kept (not planned anew), the failure is retried.
+    status = plan_locally(DEMO, runs, "v5e:2x2", python=str(python), out=out)
+    assert status["global_batch_size=32"] == "skipped (plan.json exists)" and status["global_batch_size=64"] == "failed (exit 1)"
+
+
+def test_report_shows_the_study_past_the_planners_limit(tmp_path, capsys):
+    """A dense vs ring study: dense at 2048 refused by the planner (peak above the limit), dense at
+    4096 refused by the compiler (no peak); neither trained. Their rows, the planner column, the
+    series they belong to (from sweep.json's grid), the limit line and the refused marks."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    sweep = tmp_path / "sw"
+    batches, peaks = (256, 2048, 4096), {("dense", 256): 27.8, ("dense", 2048): 49.1, ("ring", 256): 27.8,
+                                         ("ring", 2048): 28.3, ("ring", 4096): 28.9}
+    grid = {"global_batch_size": [str(b) for b in batches], "contrastive_impl": ["dense", "ring"]}
+    runs = []
+    for batch in batches:
+        for impl in ("dense", "ring"):
+            folder = study_folder(sweep, batch, impl)
+            runs.append({"name": folder.name, "workdir": str(folder), "learning_rate": 3e-5, "skipped": None,
+                         "grid": {"global_batch_size": str(batch), "contrastive_impl": impl}})
+            if (impl, batch) == ("dense", 4096):
+                write_plan_json(folder, batch=batch, needed_mib=None, refused="does not fit: the compiler ran out of memory")
+                continue
+            write_plan_json(folder, batch=batch, peak_mib=peaks[impl, batch], needed_mib=peaks[impl, batch])
+            if (impl, batch) != ("dense", 2048):
+                write_run(folder, batch=batch, lr=3e-5, chunk=64, devices=2, peak=round(peaks[impl, batch], 1), steps=2,
+                          settings={"contrastive_impl": impl, "contrastive_block_size": 64})
+    (sweep / "sweep.json").write_text(json.dumps({"grid": grid, "runs": runs}))
+
+    assert cli.main(["report", str(sweep)]) == 0
+    table = capsys.readouterr().out
+    rows = {(r["settings"]["contrastive_impl"], r["global_batch"]): r
+            for r in json.loads((sweep / "report" / "report.json").read_text())["runs"]}
+    assert len(rows) == 6
+    for key in (("dense", 2048), ("dense", 4096)):
+        assert rows[key]["status"] == "not trained: refused by the planner" and rows[key]["planner_fits"] is False
+        assert rows[key]["steps"] is None and rows[key]["peak_memory_mib"] is None
+    assert rows["dense", 2048]["planned_peak_memory_mib"] == pytest.approx(49.1, abs=1e-6)
+    assert rows["dense", 4096]["planned_peak_memory_mib"] is None
+    assert rows["dense", 4096]["planner_refusal"] == "the compiler ran out of memory (> limit 41.0 MiB (--memory-limit-gib 0.04))"
+    assert rows["ring", 4096]["status"] == "completed" and rows["ring", 4096]["planner_fits"] is True
+    assert rows["dense", 2048]["settings"] == {"global_batch_size": 2048, "contrastive_impl": "dense"}  # typed as config.json
+
+    header, cells = table_rows(collect([sweep]))
+    col = {name: i for i, name in enumerate(header)}
+    by_name = {row[col["run"]]: row for row in cells}
+    assert by_name[study_folder(sweep, 2048, "dense").name][col["planner"]] == "refused"
+    assert by_name[study_folder(sweep, 2048, "dense").name][col["planned peak MiB/device"]] == "49"
+    assert by_name[study_folder(sweep, 4096, "dense").name][col["planned peak MiB/device"]] == "refused"
+    assert by_name[study_folder(sweep, 4096, "ring").name][col["planner"]] == "fits"
+    assert markdown_table(collect([sweep])) in table
+
+    # Trained and untrained runs of one loss are one line: the untrained ones' settings come from the grid.
+    records = collect([sweep])
+    planned = {label: [(b, round(mib, 3)) for b, mib in points]
+               for label, points in series(records, "planned_peak_memory_mib", always=("grad_cache_chunk_size",)).items()}
+    assert planned == {"contrastive_impl=dense, grad cache chunk 64": [(256, 27.8), (2048, 49.1)],
+                       "contrastive_impl=ring, grad cache chunk 64": [(256, 27.8), (2048, 28.3), (4096, 28.9)]}
+    assert refused_points(records) == [(2048, pytest.approx(49.1)), (4096, pytest.approx(LIMIT_041 / MIB))]
+    fig, ax = plt.subplots()
+    draw_memory(ax, records)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    limit_line = lines["planner's limit: --memory-limit-gib 0.04 (41 MiB)"]
+    assert set(limit_line.get_ydata()) == {LIMIT_041 / MIB}
+    crosses = lines["refused by the planner (not trained)"]
+    assert list(crosses.get_xdata()) == [2048, 4096] and crosses.get_ydata()[0] > LIMIT_041 / MIB
+    assert list(lines["contrastive_impl=ring, grad cache chunk 64"].get_xdata()) == [256, 2048, 4096]  # measured, solid
+    plt.close(fig)
+    check_png(sweep / "report" / "memory_vs_batch.png")
+
+
 # ----------------------------------------------------------------------------- a real sweep
 
 
@@ -276,3 +466,72 @@ def test_small_real_sweep_trains_resumes_and_reports(tiny_model_dir, train_sampl
         assert rows[batch]["dev_curve"][-1][0] == 2
     for name in PLOTS:
         check_png(sweep / "report" / name)
+
+
+@pytest.mark.slow
+def test_study_past_the_dense_limit_trains_ring_where_the_planner_refuses_dense(tiny_model_dir, train_samples_dir,
+                                                                               tmp_path, capsys, monkeypatch):
+    """Issue 21's scaling study through the CLI: `sweep --plan` over global batch x loss with a
+    per-device limit that dense at the largest batch exceeds and ring there fits, then `sweep`
+    trains every run but that one (skipped as refused, exit 0), then `report`."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # the runs' devices (see above)
+    train_file = train_samples_dir / "wiki1m_for_simcse.head11914.txt"
+    batches, steps = (256, 2048), 2
+    with train_file.open() as f:
+        assert sum(1 for _ in f) >= batches[-1] * steps  # every step of the largest run reads new sentences
+    # 0.04 GiB = 41 MiB per device. Measured on cpu:2 (needed_bytes, MiB): ~28 for both losses at
+    # 256 and for ring at 2048 (the parameters and Adam state), ~49 for dense at 2048 (its
+    # [1024, 2048] fp32 logits and their gradient on each device); the limit sits between, which
+    # the assertions below check from the plans rather than trusting these numbers.
+    limit_gib = 0.04
+    sweep = tmp_path / "sweep"
+    argv = ["sweep", "--config", DEMO, "--workdir", str(sweep), "--grid", f"global_batch_size={','.join(map(str, batches))}",
+            "--grid", "contrastive_impl=dense,ring",
+            # Gradient caching in chunks of 64 and ring blocks of 64 keys: the encoder's activations
+            # and ring's working set stop growing with the batch, so dense's logits are what grows.
+            "--set", f"model={tiny_model_dir}", "--set", "max_seq_length=16", "--set", "grad_cache_chunk_size=64",
+            "--set", "contrastive_block_size=64", "--set", f"train_file={train_file}",
+            "--set", f"data_cache_dir={tmp_path / 'cache'}", "--set", f"max_steps={steps}", "--set", "log_every=1",
+            "--set", "evaluators=", "--set", "do_test_eval=false", "--set", "do_export=false",
+            "--set", "async_checkpointing=false",
+            # Without oneDNN the plan's compiled step goes into the persistent cache and each run
+            # loads that very program instead of compiling it again (~10 s a run here).
+            "--set", "cpu_onednn=false"]
+
+    assert cli.main(argv + ["--plan", "--topology", "cpu:2", "--plan-args", f"--memory-limit-gib {limit_gib}"]) == 0
+    out = capsys.readouterr().out
+    plans = {(impl, b): json.loads((study_folder(sweep, b, impl) / "plan.json").read_text())["memory"]
+             for b in batches for impl in ("dense", "ring")}
+    limit = int(limit_gib * 2**30)
+    largest = batches[-1]
+    assert all(m["limit_bytes"] == limit for m in plans.values())
+    assert plans["dense", largest]["needed_bytes"] > limit >= plans["ring", largest]["needed_bytes"]
+    assert [key for key, m in plans.items() if not m["fits"]] == [("dense", largest)]
+    # dense grows with the batch, ring (almost) does not: 8x the batch adds > 5x more to dense's peak.
+    growth = {impl: plans[impl, largest]["peak_bytes"] - plans[impl, batches[0]]["peak_bytes"] for impl in ("dense", "ring")}
+    assert growth["dense"] > 5 * max(growth["ring"], 2**20)
+    assert "(1 does not fit: `sweep` without --plan will skip it)" in out
+
+    assert cli.main(argv) == 0, [p.joinpath("train.log").read_text()[-2000:] for p in sweep.glob("*/train.log")]
+    out = capsys.readouterr().out
+    assert out.count(": done in ") == 3 and "3/4 runs complete" in out
+    refused = study_folder(sweep, largest, "dense")
+    assert f"{refused.name} (lr 3e-05): skipped (refused by the planner: needs " in out
+    assert not (refused / "results.json").exists() and not (refused / "train.log").exists()
+    for (impl, batch), memory in plans.items():
+        if (impl, batch) == ("dense", largest):
+            continue
+        results = json.loads((study_folder(sweep, batch, impl) / "results.json").read_text())
+        assert results["status"] == "completed" and results["steps"] == steps and results["devices"] == 2
+        # The trainer ran the program the planner compiled: the same peak (results round to 0.1 MiB).
+        assert results["step_peak_memory_mib"] == pytest.approx(memory["peak_bytes"] / 2**20, abs=0.06)
+
+    assert cli.main(["report", str(sweep)]) == 0
+    rows = {(r["settings"]["contrastive_impl"], r["global_batch"]): r
+            for r in json.loads((sweep / "report" / "report.json").read_text())["runs"]}
+    assert rows["ring", largest]["status"] == "completed" and rows["ring", largest]["steps"] == steps
+    assert rows["ring", largest]["planner_fits"] is True and rows["ring", largest]["peak_memory_mib"] is not None
+    assert rows["dense", largest]["status"] == "not trained: refused by the planner"
+    assert rows["dense", largest]["planner_fits"] is False and rows["dense", largest]["steps"] is None
+    assert rows["dense", largest]["planned_peak_memory_mib"] > rows["dense", largest]["planned_limit_mib"] == limit / 2**20
+    check_png(sweep / "report" / "memory_vs_batch.png")

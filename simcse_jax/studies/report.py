@@ -17,11 +17,19 @@ such) and writes to `--out` (default `<first folder>/report`):
 Planned next to measured: a run folder holding `plan.json` (written by `simcse-jax sweep
 --plan`, i.e. `simcse-jax plan` for that grid point) adds the planned peak memory per device
 and the roofline's sentences/s bound to the table, and as dashed lines to the throughput and
-memory plots, whether or not the run has been trained yet.
+memory plots, whether or not the run has been trained yet. The table's "planner" column says
+whether the plan fits its per-device limit (fits / refused / – without a limit or a plan); the
+memory plot draws that limit as a horizontal line labelled with its source (`--memory-limit-gib`,
+the chip's HBM) and marks each refused point with a red cross (at its planned peak, else at what
+the compiler said it needed, else on the limit line). A refused run is not trained by `sweep`
+(status "not trained: refused by the planner"); a plan the compiler refused has no planned peak
+("refused" in the planned peak column, no dashed point).
 
 Lines: runs that differ in anything besides the batch and its scaled learning rate (a grid key
-such as seed or grad_cache_chunk_size, the device count) are drawn as separate lines, named by
-those differences. A value no run recorded (no STS folder, no memory analysis on the backend)
+such as seed, grad_cache_chunk_size or contrastive_impl, the device count) are drawn as separate
+lines, named by those differences. A run not trained (no config.json) takes its settings from its
+grid point in sweep.json, parsed as config.json would hold them; a key only some runs record is
+no difference. A value no run recorded (no STS folder, no memory analysis on the backend)
 makes its panel say so instead of failing. Plots use matplotlib's Agg backend (files only).
 """
 
@@ -33,8 +41,9 @@ import json
 import math
 from pathlib import Path
 
-from simcse_jax.errors import SimcseError, UsageError
-from simcse_jax.studies.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN
+from simcse_jax.config import parse_value
+from simcse_jax.errors import ConfigError, SimcseError, UsageError
+from simcse_jax.studies.sweep import PLAN_FILE, RUN_LOG, RUN_PLAN, planner_refusal
 
 PLOTS = ("stsb_dev_vs_batch.png", "throughput_vs_batch.png", "memory_vs_batch.png")
 DEV_KEY = "eval/STSBenchmark"
@@ -65,7 +74,12 @@ class RunRecord:
     planned_peak_memory_mib: float | None = None  # plan.json: XLA's peak for the planned topology
     planned_sentences_per_s: float | None = None  # plan.json: the roofline's upper bound
     planned_topology: str | None = None
-    settings: dict = dataclasses.field(default_factory=dict)  # config.json (what the run trained with)
+    planner_fits: bool | None = None  # plan.json's memory.fits: None without a plan or a limit
+    planner_refusal: str | None = None  # why the plan does not fit (sweep.planner_refusal)
+    planned_needed_memory_mib: float | None = None  # plan.json: peak + code, or what the compiler said it wanted
+    planned_limit_mib: float | None = None  # plan.json: the per-device limit the plan was checked against
+    planned_limit_source: str | None = None  # where that limit comes from (--memory-limit-gib, the chip's HBM)
+    settings: dict = dataclasses.field(default_factory=dict)  # config.json, else the sweep.json grid point
     dev_curve: list = dataclasses.field(default_factory=list)  # [(step, value)] of DEV_KEY or HELDOUT_KEY
     dev_curve_key: str | None = None
 
@@ -76,7 +90,9 @@ class RunRecord:
 def read_run(folder: Path, planned: dict | None = None) -> RunRecord:
     """One run folder (results.json, config.json, metrics.jsonl) -> RunRecord."""
     folder = Path(folder)
-    settings = _read_json(folder / "config.json") or {}
+    settings = _read_json(folder / "config.json")
+    if settings is None:  # not trained (yet): what the sweep will train it with
+        settings = _grid_settings((planned or {}).get("grid") or {})
     record = RunRecord(name=folder.name, folder=str(folder), status="no results", settings=settings,
                        global_batch=settings.get("global_batch_size"), learning_rate=settings.get("learning_rate"),
                        grad_cache_chunk=settings.get("grad_cache_chunk_size"))
@@ -87,7 +103,12 @@ def read_run(folder: Path, planned: dict | None = None) -> RunRecord:
                 setattr(record, attr, int(planned["grid"][key]))
     plan = _read_json(folder / RUN_PLAN)
     if plan is not None:
-        record.planned_peak_memory_mib = plan["memory"]["peak_bytes"] / 2**20
+        memory = plan["memory"]
+        mib = lambda key: None if memory.get(key) is None else memory[key] / 2**20  # noqa: E731
+        # peak_bytes is null where the compiler refused the program (no memory analysis to read).
+        record.planned_peak_memory_mib, record.planned_needed_memory_mib = mib("peak_bytes"), mib("needed_bytes")
+        record.planned_limit_mib, record.planned_limit_source = mib("limit_bytes"), memory.get("limit_source")
+        record.planner_fits, record.planner_refusal = memory.get("fits"), planner_refusal(plan)
         record.planned_sentences_per_s = (plan.get("roofline") or {}).get("sentences_per_s")
         record.planned_topology = plan.get("topology")
         record.devices = plan.get("devices")
@@ -96,7 +117,9 @@ def read_run(folder: Path, planned: dict | None = None) -> RunRecord:
             record.grad_cache_chunk = plan["config"]["grad_cache_chunk_size"]
     results = _read_json(folder / "results.json")
     if results is None:
-        if (folder / RUN_LOG).is_file():
+        if record.planner_fits is False:  # what `sweep` does with it: skips it (see sweep.run_locally)
+            record.status = "not trained: refused by the planner"
+        elif (folder / RUN_LOG).is_file():
             record.status = "no results (failed or running; see train.log)"
         return record
     record.status = results.get("status", "?")
@@ -114,6 +137,18 @@ def read_run(folder: Path, planned: dict | None = None) -> RunRecord:
     record.train_s = results.get("train_seconds")
     record.dev_curve_key, record.dev_curve = _dev_curve(folder / "metrics.jsonl")
     return record
+
+
+def _grid_settings(grid: dict[str, str]) -> dict:
+    """sweep.json's {key: value text} typed as config.json holds them (so that '0' and 0 are one
+    setting); a key this version no longer knows keeps its text rather than failing the report."""
+    settings = {}
+    for key, text in grid.items():
+        try:
+            settings[key] = parse_value(key, text)
+        except ConfigError:
+            settings[key] = text
+    return settings
 
 
 def _dev_curve(path: Path) -> tuple[str | None, list]:
@@ -188,8 +223,11 @@ def table_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     if has("planned_sentences_per_s"):
         columns.append(("planned sentences/s (bound)", lambda r: _fmt(r.planned_sentences_per_s, ",.0f")))
     columns += [("compile s", lambda r: _fmt(r.compile_s, ".1f")), ("peak MiB/device", lambda r: _fmt(r.peak_memory_mib, ".0f"))]
-    if has("planned_peak_memory_mib"):
-        columns.append(("planned peak MiB/device", lambda r: _fmt(r.planned_peak_memory_mib, ".0f")))
+    if has("planned_peak_memory_mib") or has("planner_refusal"):
+        columns.append(("planned peak MiB/device", lambda r: "refused" if r.planned_peak_memory_mib is None and r.planner_refusal
+                        else _fmt(r.planned_peak_memory_mib, ".0f")))
+    if has("planned_topology") or has("planned_limit_mib"):
+        columns.append(("planner", lambda r: "–" if r.planner_fits is None else "fits" if r.planner_fits else "refused"))
     if has("planned_topology"):
         columns.append(("planned for", lambda r: r.planned_topology or "–"))
     columns += [
@@ -217,9 +255,18 @@ def _series_keys(records: list[RunRecord], always: tuple = ()) -> list[str]:
     fields = sorted({k for r in records for k in r.settings} - _NOT_A_SETTING) + ["devices"]
     for group in by_batch.values():
         for key in fields:
-            if len({json.dumps(_setting(r, key)) for r in group}) > 1:
+            # A value a run did not record (an untrained run knows its grid point, and its device
+            # count only from a plan that compiled) is unknown, not different.
+            known = [_setting(r, key) for r in group if _records(r, key)]
+            if len({json.dumps(v) for v in known}) > 1:
                 keys.add(key)
     return sorted(keys)
+
+
+def _records(r: RunRecord, key: str) -> bool:
+    if key in ("devices", "grad_cache_chunk_size"):
+        return _setting(r, key) is not None
+    return key in r.settings
 
 
 def _setting(r: RunRecord, key: str):
@@ -282,11 +329,17 @@ def _lines(ax, data: dict, ylabel: str, empty: str, fmt: str = ".1f", planned: d
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         return
+    colors: dict[str, str] = {}
     for label, points in data.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, "s--" if label.startswith("planned: ") else "o-", label=label)
-        for x, y in points:
-            ax.annotate(format(y, fmt), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        is_plan = label.startswith("planned: ")
+        # A series and its plan share a colour; the plan's open squares leave the measured dots
+        # visible where the two agree (the planner compiles the very program the trainer runs).
+        color = colors.setdefault(label.removeprefix("planned: "), f"C{len(colors) % 10}")
+        ax.plot(xs, ys, "s--" if is_plan else "o-", color=color, markerfacecolor="none" if is_plan else color, label=label)
+        for x, y in points:  # the plan's figures below its points, the measured ones above
+            ax.annotate(format(y, fmt), (x, y), textcoords="offset points", xytext=(0, -12 if is_plan else 6), ha="center",
+                        fontsize=8, color=color if is_plan else "black")
     _batch_axis(ax, [x for points in data.values() for x, _ in points])
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
@@ -355,19 +408,51 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def refused_points(records: list[RunRecord]) -> list[tuple[int, float]]:
+    """(global batch, MiB) of each run the planner refused: its planned peak, else what the
+    compiler said it needed, else the limit itself (a refusal with no figure)."""
+    points = []
+    for r in records:
+        if r.planner_fits is False and r.global_batch is not None:
+            y = next((v for v in (r.planned_peak_memory_mib, r.planned_needed_memory_mib, r.planned_limit_mib) if v is not None), None)
+            if y is not None:
+                points.append((r.global_batch, y))
+    return sorted(points)
+
+
 def plot_memory(records: list[RunRecord], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _lines(ax, series(records, "peak_memory_mib", always=("grad_cache_chunk_size",)), "update step peak memory per device (MiB)",
-           "no peak memory recorded\n(the backend gave no memory analysis)", ".0f",
-           planned=series(records, "planned_peak_memory_mib", always=("grad_cache_chunk_size",)))
-    chunks = {r.grad_cache_chunk for r in records if r.peak_memory_mib is not None}
-    note = "" if not chunks or (any(chunks) and 0 in chunks) else (
-        "\n(no grad-cache runs: add --grid grad_cache_chunk_size=0,N)" if not any(chunks) else "\n(no runs without grad cache)")
-    ax.set_title("peak memory vs global batch" + note, fontsize=10)
+    draw_memory(ax, records)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw_memory(ax, records: list[RunRecord]) -> None:
+    """memory_vs_batch.png's panel: measured peaks (solid), planned peaks (dashed), the planner's
+    per-device limits (dotted, labelled with their source) and the refused points (red crosses)."""
+    measured = series(records, "peak_memory_mib", always=("grad_cache_chunk_size",))
+    planned = series(records, "planned_peak_memory_mib", always=("grad_cache_chunk_size",))
+    _lines(ax, measured, "update step peak memory per device (MiB)",
+           "no peak memory recorded\n(the backend gave no memory analysis)", ".0f", planned=planned)
+    if measured or planned:
+        limits = sorted({(r.planned_limit_mib, r.planned_limit_source) for r in records if r.planned_limit_mib is not None})
+        for mib, source in limits:
+            ax.axhline(mib, color="black", linestyle=":", linewidth=1.2, label=f"planner's limit: {source} ({mib:,.0f} MiB)")
+        refused = refused_points(records)
+        if refused:
+            xs, ys = zip(*refused)
+            ax.plot(xs, ys, "X", color="red", markersize=11, linestyle="none", label="refused by the planner (not trained)")
+        batches = [b for points in (*measured.values(), *planned.values(), refused) for b, _ in points]
+        _batch_axis(ax, batches)  # again: a refused batch may have no other point
+        ax.legend(fontsize=8)
+    chunks = {r.grad_cache_chunk for r in records if r.peak_memory_mib is not None}
+    # The hint only where gradient caching is the study's one question (not, e.g., dense vs ring).
+    other_question = _series_keys(records, ("grad_cache_chunk_size",)) != ["grad_cache_chunk_size"]
+    note = "" if not chunks or other_question or (any(chunks) and 0 in chunks) else (
+        "\n(no grad-cache runs: add --grid grad_cache_chunk_size=0,N)" if not any(chunks) else "\n(no runs without grad cache)")
+    ax.set_title("peak memory vs global batch" + note, fontsize=10)
 
 
 def write_report(folders: list[Path], out: Path) -> tuple[list[RunRecord], str]:

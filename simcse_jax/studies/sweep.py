@@ -23,7 +23,15 @@ With `--plan --topology v5e:4x4` nothing is trained either: each grid point is p
 `simcse-jax plan` (its update step compiled ahead of time for that topology, see plan.py) in its
 own subprocess, writing `DIR/<run>/plan.json` (memory per chip and whether it fits, FLOPs,
 collectives, the roofline's step time and sentences/s); a point already planned is skipped. The
-report then shows planned next to measured figures where a run has both.
+report then shows planned next to measured figures where a run has both. A point that does not
+fit is planned too: its plan.json says `fits: false` (with `--memory-limit-gib`, or the chip's
+HBM), or, where the compiler itself refused the program (a TPU topology: `plan` exits 1), holds
+`"refused"` with `peak_bytes: null`.
+
+The planner's word is kept: training (locally, or the `--emit-commands` lines) leaves out a run
+whose plan.json says it does not fit (`skipped (refused by the planner: ...)`, and a commented
+command line), so that a sweep past the point where one loss runs out of memory trains every
+other run and exits 0; deleting the run's plan.json trains it anyway.
 
 Every grid and `--set` value is parsed by the config's declared type before anything starts
 (an unknown key is an error that names it). This process never imports jax: on a GPU it would
@@ -176,12 +184,46 @@ def write_plan(path: Path, args_record: dict, runs: list[Run], commands: list[st
     tmp.replace(path)
 
 
+def read_run_plan(run: Run) -> dict | None:
+    """The run's plan.json (None when it has none); UsageError naming the file when unreadable."""
+    path = Path(run.workdir) / RUN_PLAN
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+    except ValueError:
+        plan = None
+    # Every plan.json has memory.fits (true, false, or null without a limit): without it, not a plan.
+    if not isinstance(plan, dict) or not isinstance(plan.get("memory"), dict) or "fits" not in plan["memory"]:
+        raise UsageError(f"{path}: not a `simcse-jax plan --json` file (no memory.fits); "
+                         f"delete it or plan again (sweep --plan)")
+    return plan
+
+
+def planner_refusal(plan: dict | None) -> str | None:
+    """Why the plan says the run does not fit, e.g. 'needs 49.1 MiB per device > limit 41.0 MiB
+    (--memory-limit-gib 0.04)'; None when it fits, no limit was known, or there is no plan."""
+    memory = (plan or {}).get("memory") or {}
+    if memory.get("fits") is not False:
+        return None
+    limit = f"limit {_mib(memory.get('limit_bytes'))} MiB ({memory.get('limit_source') or 'unknown source'})"
+    needed = memory.get("needed_bytes")
+    if needed is None:  # the compiler refused the program without saying how much it wanted
+        return f"the compiler ran out of memory (> {limit})"
+    return f"needs {_mib(needed)} MiB per device > {limit}"
+
+
+def _mib(x: int | None) -> str:
+    return "?" if x is None else f"{x / 2**20:,.1f}"
+
+
 def run_locally(config_spec: str, runs: list[Run], *, python: str = sys.executable, env: dict | None = None,
                 out=None) -> dict[str, str]:
     """Trains the runs in sequence, each in a subprocess logging to `<run>/train.log`.
 
     Returns {run name: 'done' | 'skipped (...)' | 'failed (...)'}; a failed run does not stop
-    the sweep. One status line per run goes to `out` (default: sys.stdout).
+    the sweep, and neither does one the planner refused (its plan.json says it does not fit: it
+    is skipped untrained). One status line per run goes to `out` (default: sys.stdout).
     """
     out = out or sys.stdout  # looked up now: the caller may have redirected it
     todo = [r for r in runs if r.skipped is None]
@@ -192,6 +234,12 @@ def run_locally(config_spec: str, runs: list[Run], *, python: str = sys.executab
         if _completed(results):
             status[run.name] = "skipped (results.json exists)"
             print(f"{head}: already done, {_summary(results)}", file=out, flush=True)
+            continue
+        why = planner_refusal(read_run_plan(run))
+        if why is not None:
+            status[run.name] = (f"skipped (refused by the planner: {why}; "
+                                f"delete {Path(run.workdir) / RUN_PLAN} to train it anyway)")
+            print(f"{head}: {status[run.name]}", file=out, flush=True)
             continue
         Path(run.workdir).mkdir(parents=True, exist_ok=True)
         log = Path(run.workdir) / RUN_LOG
@@ -238,8 +286,11 @@ def plan_locally(config_spec: str, runs: list[Run], topology: str, *, extra: lis
         with log.open("w") as f:
             rc = subprocess.run([python, "-m", "simcse_jax.cli", *plan_argv(config_spec, run, topology, extra)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        if rc == 0 and plan_file.is_file():
-            status[run.name] = "planned"
+        # Exit 1 with a plan.json that says "does not fit" is the compiler refusing the program for
+        # lack of memory (a TPU topology): an answer about the run, not a failure to plan it.
+        too_big = plan_file.is_file() and _says_does_not_fit(plan_file)
+        if plan_file.is_file() and (rc == 0 or (rc == 1 and too_big)):
+            status[run.name] = "planned: does not fit" if too_big else "planned"
             print(f"{head}: planned in {time.perf_counter() - t0:.0f} s, {_plan_summary(plan_file)}", file=out, flush=True)
         else:
             status[run.name] = f"failed (exit {rc})"
@@ -247,10 +298,20 @@ def plan_locally(config_spec: str, runs: list[Run], topology: str, *, extra: lis
     return status
 
 
+def _says_does_not_fit(plan_file: Path) -> bool:
+    try:
+        return json.loads(plan_file.read_text())["memory"]["fits"] is False
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def _plan_summary(plan_file: Path) -> str:
     p = json.loads(plan_file.read_text())
     m = p["memory"]
-    parts = [f"peak {m['peak_bytes'] / 2**20:,.0f} MiB per chip"]
+    if m.get("peak_bytes") is None:  # the compiler refused the program: no memory analysis
+        parts = ["refused by the compiler" + (f" (wanted {_mib(m['needed_bytes'])} MiB)" if m.get("needed_bytes") else "")]
+    else:
+        parts = [f"peak {m['peak_bytes'] / 2**20:,.0f} MiB per chip"]
     if m.get("fits") is not None:
         parts.append(f"{'fits' if m['fits'] else 'DOES NOT FIT'} ({m['limit_source']} {m['limit_bytes'] / 2**20:,.0f} MiB)")
     if p.get("roofline"):
@@ -301,7 +362,8 @@ def add_parser(subparsers) -> None:
                    help="global batch the config's learning_rate is meant for (default: the config's global_batch_size)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field in every run (repeatable)")
-    p.add_argument("--emit-commands", action="store_true", help="print one shell command per run instead of training")
+    p.add_argument("--emit-commands", action="store_true",
+                   help="print one shell command per run instead of training (commented out where plan.json does not fit)")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: plan every run for --topology (simcse-jax plan) into <run>/plan.json")
     p.add_argument("--topology", default=None, help="with --plan: e.g. v5e:4x4, v5e-16, cpu:8")
@@ -334,17 +396,27 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--plan needs --topology (e.g. v5e:4x4 or cpu:8)")
         status = plan_locally(args.config, runs, args.topology, extra=shlex.split(args.plan_args))
         failed = [n for n, s in status.items() if s.startswith("failed")]
-        print(f"sweep --plan: {len(status) - len(failed)}/{len(status)} runs planned for {args.topology}; "
-              f"`simcse-jax report {args.workdir}` for the table", flush=True)
+        too_big = sum(s == "planned: does not fit" for s in status.values())
+        print(f"sweep --plan: {len(status) - len(failed)}/{len(status)} runs planned for {args.topology}"
+              + (f" ({too_big} {'does' if too_big == 1 else 'do'} not fit: `sweep` without --plan will skip "
+                 f"{'it' if too_big == 1 else 'them'})" if too_big else "")
+              + f"; `simcse-jax report {args.workdir}` for the table", flush=True)
         return 1 if failed else 0
+    # Every plan.json read now, before anything trains: an unreadable one stops the sweep here.
+    refusals = {r.name: planner_refusal(read_run_plan(r)) for r in valid}
     if args.emit_commands:
-        for c in commands:
-            if c is not None:
+        for r, c in zip(runs, commands):
+            if c is not None and refusals[r.name] is not None:
+                # Commented, not dropped: the line is there to run once plan.json is deleted.
+                print(f"# refused by the planner ({refusals[r.name]}): {c}")
+            elif c is not None:
                 print(c)
         return 0
     t0 = time.perf_counter()
     status = run_locally(args.config, runs)
     failed = [n for n, s in status.items() if s.startswith("failed")]
-    print(f"sweep: {len(status) - len(failed)}/{len(status)} runs complete in {time.perf_counter() - t0:.0f} s; "
-          f"`simcse-jax report {args.workdir}` for the table and plots", flush=True)
+    refused = [n for n, s in status.items() if s.startswith("skipped (refused")]
+    print(f"sweep: {len(status) - len(failed) - len(refused)}/{len(status)} runs complete in {time.perf_counter() - t0:.0f} s"
+          + (f", {len(refused)} refused by the planner (not trained)" if refused else "")
+          + f"; `simcse-jax report {args.workdir}` for the table and plots", flush=True)
     return 1 if failed else 0
