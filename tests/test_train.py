@@ -84,6 +84,21 @@ def test_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, train_samples
     assert abs(step_losses(other)[1] - uninterrupted[1]) > 1e-4
 
 
+def test_a_run_resumes_with_another_contrastive_loss_and_the_same_losses(tiny_model_dir, train_samples_dir, data_cache,
+                                                                        uninterrupted, tmp_path):
+    """contrastive_impl is a free key on resume (the same loss, computed another way): a dense run
+    stopped at step 3 and resumed with the ring loss logs the uninterrupted dense run's losses."""
+    config = tiny_config(tiny_model_dir, train_samples_dir, data_cache)
+    assert train(config, tmp_path, progress=False, callback=sigterm_at(3)) == {"status": "preempted", "step": 3}
+    ring = config.replace(contrastive_impl="ring", contrastive_block_size=1)
+    assert train(ring, tmp_path, progress=False)["status"] == "completed"
+    assert json.loads((tmp_path / "config.json").read_text())["contrastive_impl"] == "ring"
+    resumed = step_losses(tmp_path)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert abs(resumed[step] - uninterrupted[step]) <= 1e-5, (step, resumed[step], uninterrupted[step])
+
+
 def test_checkpoint_restores_onto_other_meshes(tiny_model_dir, train_samples_dir, data_cache, uninterrupted, tmp_path):
     config = tiny_config(tiny_model_dir, train_samples_dir, data_cache, mesh_data=8)
     train(config, tmp_path, progress=False, callback=sigterm_at(2))
