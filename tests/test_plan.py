@@ -189,6 +189,14 @@ def test_refused_compiles_report_what_they_wanted_and_the_search_interpolates_th
     # --max-batch-upto: a known bracket [start, upto] costs a handful of compiles.
     best, probes, calls = search(convex, limit, start=exact - 32, max_batch=exact + 64)
     assert best == exact and len(calls) <= 4, calls
+    # Regula falsi's creep on a measured curve (BERT-base, v5e-16, ring loss, chunk 512: MiB per chip at
+    # the batches the search probed there): the Illinois weights cross the answer without bisecting.
+    measured = {1048576: 5551.9, 2097152: 9117.1, 2900480: 12387.5, 3704320: 15265.3, 3712000: 15287.2, 3903488: 15986.0}
+    xs = sorted(measured)
+    curve = lambda b: int(np.interp(b, xs, [measured[x] * 2**20 for x in xs]))  # noqa: E731
+    v5e = int(15258.8 * 2**20)
+    best, probes = search_max_batch(curve, 512, v5e, start=1048576, max_batch=1 << 23)
+    assert best == max(b for b in range(3_600_000, 3_800_000, 512) if curve(b) <= v5e) and len(probes) <= 8
     best, probes, calls = search(convex, limit, start=512, max_batch=1024)
     assert best == 1024 and 1040 not in probes  # the cap is the answer; nothing above it was compiled
 

@@ -350,12 +350,16 @@ def search_max_batch(needed_bytes, step: int, limit: int, start: int, *, max_bat
                                         else f"{_mib(y)} MiB"))
         return probes[b] is not None and not isinstance(probes[b], Refused) and probes[b] <= limit
 
-    def towards_limit(x0: int, x1: int) -> int | None:
-        """The batch where the line through the probes at x0 and x1 meets the limit, on the grid."""
+    def towards_limit(x0: int, x1: int, w0: float = 1.0, w1: float = 1.0) -> int | None:
+        """The batch where the line through the probes at x0 and x1 meets the limit, on the grid;
+        w0, w1 scale each probe's distance from the limit (Illinois' weights, see below)."""
         y0, y1 = probes.get(x0), probes.get(x1)
         if y0 is None or y1 is None or y1 <= y0 or x1 == x0:
             return None
-        return int((x0 + (limit - y0) * (x1 - x0) / (y1 - y0)) // step * step)
+        f0, f1 = (y0 - limit) * w0, (y1 - limit) * w1
+        if f1 == f0:
+            return None
+        return int((x0 - f0 * (x1 - x0) / (f1 - f0)) // step * step)
 
     lo, hi = None, None
     b = min(max(step, start // step * step), max_batch // step * step)
@@ -383,9 +387,14 @@ def search_max_batch(needed_bytes, step: int, limit: int, start: int, *, max_bat
     moved: list[str] = []
     while hi - lo > step:  # narrow: interpolate between the bracket's ends, else bisect
         # Interpolating a convex need can keep landing on one side of the answer (regula falsi's
-        # creep): after the same end moved twice in a row, bisect.
-        creeping = len(moved) >= 2 and moved[-1] == moved[-2]
-        guess = None if creeping else towards_limit(lo, hi)
+        # creep; seen at BERT-base on v5e-16, each probe a few MiB over the limit). The Illinois
+        # rule: while the same end keeps moving, halve the other end's weight per repeat, which
+        # pulls the next guess across the answer in a step or two instead of bisecting a wide
+        # bracket (each probe is a compile of minutes).
+        repeats = next((i for i, m in enumerate(reversed(moved)) if m != moved[-1]), len(moved))
+        kept = 0.5 ** (repeats - 1) if repeats >= 2 else 1.0
+        w_lo, w_hi = (kept, 1.0) if moved and moved[-1] == "hi" else (1.0, kept)
+        guess = towards_limit(lo, hi, w_lo, w_hi)
         b = guess if guess is not None else (lo + hi) // 2 // step * step
         b = min(max(b, lo + step), hi - step)
         if fits(b):
