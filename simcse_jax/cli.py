@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from simcse_jax.compile_cache import enable_compilation_cache
@@ -48,5 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+# `train` returns this after a second Ctrl-C (128 + SIGINT, as a shell reports an interrupted command).
+INTERRUPTED_AT_ONCE = 130
+
+
+def entry() -> None:
+    """The process's entry point (`simcse-jax`, `python -m simcse_jax.cli`); `main` is the in-process one."""
+    code = main()
+    if code == INTERRUPTED_AT_ONCE:
+        # A run stopped at once may leave an orbax async save in flight. It is abandoned by design
+        # (an unfinished save leaves no visible step), but at interpreter exit its threads would find
+        # their executors shut down and print tracebacks after the run's last line, the one that names
+        # the step to resume from. Leave without exit handlers; everything written is flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

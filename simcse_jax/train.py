@@ -624,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C in the loop (distributed.Preemption), or the first before the loop began.
         print(f"error: train: interrupted: stopped at once without saving. {last_checkpoint_note(latest_dir)}",
               file=sys.stderr, flush=True)
-        return 130  # 128 + SIGINT, as a shell reports an interrupted command
+        return 130  # 128 + SIGINT, as a shell reports it; cli.entry then exits without running exit handlers
     finally:
         if watchdog is not None:
             watchdog.finish(done=done)
