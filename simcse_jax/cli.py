@@ -13,7 +13,7 @@ import os
 import sys
 
 from simcse_jax.compile_cache import enable_compilation_cache
-from simcse_jax.errors import SimcseError
+from simcse_jax.errors import INTERRUPTED_EXIT_CODE, SimcseError
 
 # Subcommand modules, in the order `--help` lists them. Each defines add_parser(subparsers),
 # which registers its command and sets `func` (args -> exit code).
@@ -49,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
-# `train` returns this after a second Ctrl-C (128 + SIGINT, as a shell reports an interrupted command).
-INTERRUPTED_AT_ONCE = 130
-
-
 def entry() -> None:
     """The process's entry point (`simcse-jax`, `python -m simcse_jax.cli`); `main` is the in-process one."""
     code = main()
-    if code == INTERRUPTED_AT_ONCE:
+    if code == INTERRUPTED_EXIT_CODE:
         # A run stopped at once may leave an orbax async save in flight. It is abandoned by design
         # (an unfinished save leaves no visible step), but at interpreter exit its threads would find
         # their executors shut down and print tracebacks after the run's last line, the one that names

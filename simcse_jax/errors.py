@@ -13,6 +13,10 @@ that caught those keep working.
 
 from __future__ import annotations
 
+# What `train` returns after a second Ctrl-C (128 + SIGINT, as a shell reports an interrupted
+# command); `cli.entry` then leaves the process without exit handlers.
+INTERRUPTED_EXIT_CODE = 130
+
 
 class SimcseError(Exception):
     """A problem the user can act on; the message says what and where."""

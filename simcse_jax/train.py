@@ -71,7 +71,7 @@ from simcse_jax.config import TrainConfig, check_resume, load_config, resolve_st
 from simcse_jax.corpus import BUILTIN_PREFIX, write_builtin_corpus
 from simcse_jax.data import DataIterator, Prefetch, make_data_iterator
 from simcse_jax.encoder import Encoder, encoder_graphdef
-from simcse_jax.errors import ConfigError, TrainingError
+from simcse_jax.errors import INTERRUPTED_EXIT_CODE, ConfigError, TrainingError
 from simcse_jax.evaluators import EvalContext, TrainingEvaluator
 from simcse_jax.hf_io import load_pretrained, load_tokenizer, read_config, resolve_model_dir
 from simcse_jax.metrics_log import MetricsLog, Progress
@@ -624,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C in the loop (distributed.Preemption), or the first before the loop began.
         print(f"error: train: interrupted: stopped at once without saving. {last_checkpoint_note(latest_dir)}",
               file=sys.stderr, flush=True)
-        return 130  # 128 + SIGINT, as a shell reports it; cli.entry then exits without running exit handlers
+        return INTERRUPTED_EXIT_CODE
     finally:
         if watchdog is not None:
             watchdog.finish(done=done)
